@@ -1,0 +1,1 @@
+"""Benchmarks: one client library shared by stress, scaling, overhead and worker-throughput runs."""

@@ -1,0 +1,1 @@
+"""The launcher: start workers and the balancer on one machine, watch them, stop them (Python API + CLI)."""

@@ -1,0 +1,1 @@
+"""SLURM: submit a batch job whose node tasks run workers and the balancer across the allocation."""

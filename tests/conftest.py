@@ -1,0 +1,52 @@
+"""Fixtures shared by every test tier: free ports, managed processes, the tiny model built once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.processes import ManagedProcess, free_port, python_module, test_env
+
+CACHE_DIR = Path(os.environ.get("IB_CACHE_DIR", Path.home() / ".cache" / "inference-balancer"))
+
+SpawnFn = Callable[..., ManagedProcess]
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[SpawnFn]:
+    """Start processes for one test; all of them are stopped (by process group) when it ends."""
+    started: list[ManagedProcess] = []
+
+    def _spawn(args: list[str], name: str = "proc", env: dict[str, str] | None = None) -> ManagedProcess:
+        proc = ManagedProcess(args, tmp_path / f"{name}-{len(started)}.log", env=env or test_env())
+        started.append(proc)
+        return proc
+
+    yield _spawn
+    for proc in reversed(started):
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The tiny Llama model and tokenizer, built once into a cache keyed by the builder's version."""
+    from workers import tiny_model
+
+    target = CACHE_DIR / f"tiny-model-v{tiny_model.BUILDER_VERSION}-seed0"
+    if not (target / "config.json").exists():
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=CACHE_DIR, prefix="tiny-model-build-"))
+        tiny_model.build(staging, seed=0)
+        try:
+            staging.rename(target)  # atomic: concurrent sessions never see a half-written model
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+__all__ = ["SpawnFn", "free_port", "python_module"]

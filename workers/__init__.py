@@ -1,0 +1,1 @@
+"""Workers: one OpenAI-compatible server per GPU that batches left-padded requests itself."""
