@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (once) and print the path of the project's virtual environment.
 #
-# The venv lives outside the checkout, keyed by a hash of pyproject.toml, so a fresh clone (CI) reuses it
+# The venv lives outside the checkout, keyed by a hash of the dependencies in pyproject.toml, so a fresh clone (CI) reuses it
 # instead of reinstalling torch and transformers. Usage: VENV=$(bash scripts/venv.sh [extras]); extras
 # default to "hf,dev". On a machine without an NVIDIA GPU torch is pinned to the 2.13.0 CPU build.
 set -euo pipefail
@@ -9,7 +9,10 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 extras=${1:-hf,dev}
 python=${PYTHON:-python3}
 cache=${IB_CACHE_DIR:-$HOME/.cache/inference-balancer}
-key=$( (cat "$root/pyproject.toml"; echo "$extras"; "$python" --version) | sha256sum | cut -c1-12)
+# Only the dependency lists count: editing tool settings in pyproject.toml does not rebuild the venv.
+deps=$("$python" -c 'import sys, tomllib, json; p = tomllib.load(open(sys.argv[1], "rb"))["project"]
+print(json.dumps([p["dependencies"], p["optional-dependencies"]], sort_keys=True))' "$root/pyproject.toml")
+key=$( (echo "$deps"; echo "$extras"; "$python" --version) | sha256sum | cut -c1-12)
 venv=${IB_VENV:-$cache/venv-$key}
 if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
     echo "[venv] creating $venv (extras: $extras); the first time this takes a few minutes" >&2
