@@ -87,9 +87,15 @@ class Engine(Protocol):
         """Tokenise the prompt into `request.prompt_token_ids`; raise PromptTooLongError if it cannot fit."""
 
     def generate(
-        self, batch: list[EngineRequest], is_cancelled: Callable[[str], bool]
+        self,
+        batch: list[EngineRequest],
+        is_cancelled: Callable[[str], bool],
+        admit: Callable[[int], list[EngineRequest]],
     ) -> Iterator[list[TokenEvent]]:
         """Decode the batch step by step, yielding each step's events; every request ends with one finished event.
 
-        Cancelled requests are dropped silently (no event). Runs on the engine thread.
+        Cancelled requests are dropped silently (no event) and their rows leave the batch. Between steps an
+        engine that can merge new sequences into a running batch (continuous batching) may call `admit(n)`,
+        which hands over up to n queued, already prepared requests; an engine that cannot never calls it, and
+        the batcher starts them in the next batch. Runs on the engine thread.
         """
