@@ -1,0 +1,38 @@
+"""Bearer-token checks for clients (--api-key) and the admin API (--admin-token); keys are never logged."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from aiohttp import web
+
+from lb.errors import Forbidden, Unauthorized
+
+
+def check_bearer(header: str | None, keys: tuple[str, ...]) -> None:
+    """Raise Unauthorized unless `header` is `Bearer <one of keys>`; keys are compared in constant time."""
+    token = header[7:].strip() if header is not None and header[:7].lower() == "bearer " else ""
+    matched = False
+    for key in keys:  # no early exit: the time taken does not reveal which key (if any) matched
+        matched |= hmac.compare_digest(token.encode(), key.encode())
+    if not token or not matched:
+        raise Unauthorized(
+            "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'."
+            if token
+            else "Missing API key. Send it as 'Authorization: Bearer <key>'."
+        )
+
+
+def check_admin(request: web.Request, admin_token: str | None) -> None:
+    """With a token: the bearer must match. Without one: only loopback clients may change the pool."""
+    if admin_token is not None:
+        check_bearer(request.headers.get("Authorization"), (admin_token,))
+        return
+    peer = request.remote or ""
+    try:
+        loopback = ipaddress.ip_address(peer).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise Forbidden("The admin API answers loopback clients only unless --admin-token is set.")

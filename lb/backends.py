@@ -1,0 +1,150 @@
+"""Backend (the handle on one worker) and BackendPool (all backends, the routable view, in-flight counts)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from collections.abc import Callable
+from types import TracebackType
+
+LATENCY_WINDOW = 256  # recent request latencies kept per backend for /stats' p50
+
+
+class Backend:
+    """One worker: URL, health state, exact in-flight count and counters. Mutated only on the event loop."""
+
+    __slots__ = (
+        "consecutive_failures",
+        "consecutive_successes",
+        "draining",
+        "errors",
+        "ever_healthy",
+        "healthy",
+        "in_flight",
+        "index",
+        "last_check",
+        "last_progress",
+        "latencies",
+        "models",
+        "removed",
+        "requests_served",
+        "reserved",
+        "status_counts",
+        "url",
+    )
+
+    def __init__(self, index: int, url: str, models: frozenset[str] = frozenset()) -> None:
+        self.index = index
+        self.url = url
+        self.healthy = False  # until the first good probe
+        self.ever_healthy = False  # once dropped, a backend needs --healthy-threshold good probes to return
+        self.draining = False  # admin removal in progress: no new requests
+        self.removed = False
+        self.in_flight = 0
+        self.reserved = 0  # queue grants handed out but not yet tracked (see Admission)
+        self.requests_served = 0
+        self.errors = 0
+        self.status_counts: dict[int, int] = {}  # HTTP status -> responses relayed from this backend
+        self.models = models
+        self.consecutive_failures = 0
+        self.consecutive_successes = 0
+        self.last_check: float | None = None  # wall-clock time of the last probe
+        self.last_progress = 0.0  # monotonic time this backend last sent response bytes
+        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)  # seconds
+
+    @property
+    def routable(self) -> bool:
+        return self.healthy and not self.draining
+
+    def latency_ms_p50(self) -> float | None:
+        return round(statistics.median(self.latencies) * 1000, 3) if self.latencies else None
+
+    def __repr__(self) -> str:
+        return f"Backend({self.index}, {self.url!r}, healthy={self.healthy}, in_flight={self.in_flight})"
+
+
+class Tracked:
+    """`async with pool.track(backend)`: counts one in-flight request and always releases it on exit."""
+
+    __slots__ = ("_backend", "_pool")
+
+    def __init__(self, pool: BackendPool, backend: Backend) -> None:
+        self._pool = pool
+        self._backend = backend
+
+    async def __aenter__(self) -> Backend:
+        # no await before the increment: a policy's choice and the count change happen in one loop step
+        self._backend.in_flight += 1
+        return self._backend
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._pool.release(self._backend)
+
+
+class BackendPool:
+    """All known backends by stable index; `routable` is rebuilt only when health or membership changes."""
+
+    def __init__(self) -> None:
+        self.backends: list[Backend] = []
+        self.routable: list[Backend] = []
+        self._next_index = 0
+        self._release_listeners: list[Callable[[Backend], None]] = []
+        self._change_listeners: list[Callable[[], None]] = []
+
+    def add(self, url: str, models: frozenset[str] = frozenset()) -> Backend:
+        backend = Backend(self._next_index, url, models)
+        self._next_index += 1
+        self.backends.append(backend)
+        self.changed()
+        return backend
+
+    def remove(self, backend: Backend) -> None:
+        backend.removed = True
+        backend.healthy = False
+        if backend in self.backends:
+            self.backends.remove(backend)
+        self.changed()
+
+    def get(self, index: int) -> Backend | None:
+        for backend in self.backends:
+            if backend.index == index:
+                return backend
+        return None
+
+    def find_url(self, url: str) -> Backend | None:
+        return next((b for b in self.backends if b.url == url), None)
+
+    def track(self, backend: Backend) -> Tracked:
+        return Tracked(self, backend)
+
+    def release(self, backend: Backend) -> None:
+        backend.in_flight -= 1
+        for listener in self._release_listeners:
+            listener(backend)
+
+    def set_health(self, backend: Backend, healthy: bool) -> None:
+        if backend.healthy != healthy:
+            backend.healthy = healthy
+            self.changed()
+
+    def changed(self) -> None:
+        """Health, draining or membership changed: rebuild the routable view and tell listeners."""
+        self.routable = [b for b in self.backends if b.routable]
+        for listener in self._change_listeners:
+            listener()
+
+    def on_release(self, listener: Callable[[Backend], None]) -> None:
+        self._release_listeners.append(listener)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        self._change_listeners.append(listener)
+
+    @property
+    def total_in_flight(self) -> int:
+        return sum(b.in_flight for b in self.backends)
+
+    def models(self) -> list[str]:
+        """The union of models served by routable backends, sorted."""
+        return sorted({m for b in self.routable for m in b.models})

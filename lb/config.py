@@ -1,0 +1,132 @@
+"""BalancerConfig: every setting of `python -m lb`, declared once (CLI flags, YAML keys, IB_LB_* env vars)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from lb.settings import ConfigError, load_config, setting
+
+POLICY_NAMES = ("round_robin", "least_connections", "power_of_two")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ENV_PREFIX = "IB_LB_"
+
+
+@dataclasses.dataclass(frozen=True)
+class BalancerConfig:
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(8000, "port to listen on")
+    workers: tuple[str, ...] = setting(
+        (),
+        "worker base URLs, comma separated or repeated; may be empty (workers join via POST /workers)",
+        metavar="URL[,URL...]",
+    )
+    workers_file: str | None = setting(
+        None, "file with one worker URL per line (# comments allowed)", metavar="FILE"
+    )
+    policy: str = setting("least_connections", "how to pick a backend", choices=POLICY_NAMES)
+    health_check_interval: float = setting(10.0, "seconds between active /health probes of each worker")
+    health_check_timeout: float = setting(2.0, "seconds a /health probe may take before it counts as failed")
+    unhealthy_threshold: int = setting(3, "consecutive failed probes that drop a backend")
+    healthy_threshold: int = setting(2, "consecutive good probes that re-add a dropped backend")
+    connect_timeout: float = setting(5.0, "seconds to open a connection to a worker")
+    request_timeout: float = setting(
+        300.0,
+        "seconds a worker may stay silent (before its headers or between two chunks); "
+        "a stream that keeps producing has no total limit",
+    )
+    max_retries: int = setting(
+        2, "retries on a different backend when a worker fails before any byte was sent"
+    )
+    max_inflight_per_worker: int | None = setting(
+        None,
+        "cap on concurrent requests per worker; beyond every cap requests wait in the queue",
+        metavar="N",
+    )
+    max_queue: int = setting(1024, "requests that may wait for a free worker before 429")
+    queue_timeout: float = setting(30.0, "seconds a request may wait in the queue before 429")
+    max_body_size: int = setting(
+        16 * 1024 * 1024, "largest request body in bytes (413 beyond)", metavar="BYTES"
+    )
+    api_key: tuple[str, ...] = setting(
+        (), "client key required as 'Authorization: Bearer KEY' (repeatable)", metavar="KEY"
+    )
+    api_key_file: str | None = setting(None, "file with one accepted client key per line", metavar="FILE")
+    admin_token: str | None = setting(
+        None,
+        "bearer token for POST/DELETE /workers; without it the admin API answers loopback clients only",
+        metavar="TOKEN",
+    )
+    drain_timeout: float = setting(30.0, "seconds in-flight requests may take to finish on SIGTERM/SIGINT")
+    log_level: str = setting("info", "logging level", choices=LOG_LEVELS)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port: {self.port} is not a TCP port")
+        if self.policy not in POLICY_NAMES:
+            raise ConfigError(f"policy: {self.policy!r} is not one of {', '.join(POLICY_NAMES)}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+        for name in (
+            "health_check_interval",
+            "health_check_timeout",
+            "connect_timeout",
+            "request_timeout",
+            "queue_timeout",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0")
+        for name in ("unhealthy_threshold", "healthy_threshold", "max_body_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1")
+        for name in ("max_retries", "max_queue", "drain_timeout"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0")
+        if self.max_inflight_per_worker is not None and self.max_inflight_per_worker < 1:
+            raise ConfigError("max_inflight_per_worker: must be >= 1")
+        for url in self.workers:
+            _check_url("workers", url)
+
+    def worker_urls(self) -> list[str]:
+        """--workers followed by the lines of --workers-file, normalised, without duplicates."""
+        urls = list(self.workers)
+        if self.workers_file:
+            urls += _read_lines("workers_file", self.workers_file)
+        out: list[str] = []
+        for url in urls:
+            url = _check_url("workers_file", url)
+            if url not in out:
+                out.append(url)
+        return out
+
+    def api_keys(self) -> tuple[str, ...]:
+        keys = list(self.api_key)
+        if self.api_key_file:
+            keys += _read_lines("api_key_file", self.api_key_file)
+        return tuple(keys)
+
+
+def _check_url(key: str, url: str) -> str:
+    url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{key}: {url!r} is not an http(s) URL")
+    return url
+
+
+def _read_lines(key: str, path: str) -> list[str]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def load(argv: list[str] | None = None) -> BalancerConfig:
+    return load_config(
+        BalancerConfig,
+        argv,
+        prog="python -m lb",
+        env_prefix=ENV_PREFIX,
+        description="One OpenAI-compatible port in front of N inference workers: routing policies, health "
+        "checks, retries, a bounded queue, /stats, /metrics and an admin API to add or drain workers.",
+    )

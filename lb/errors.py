@@ -1,0 +1,118 @@
+"""The balancer's named failures and the one place they become OpenAI-style JSON error responses."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BalancerError(Exception):
+    """A request the balancer answers itself; subclasses fix the HTTP status and the OpenAI error type."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+    param: str | None = None
+    retry_after: int | None = None  # seconds, sent as Retry-After
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if param is not None:
+            self.param = param
+
+
+class BadRequest(BalancerError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_json"
+
+
+class Unauthorized(BalancerError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(BalancerError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class NotFound(BalancerError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+    param = "model"
+
+
+class BodyTooLarge(BalancerError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class QueueFull(BalancerError):
+    """Every backend is at its in-flight cap and the wait queue is full, or the wait timed out."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+    retry_after = 1
+
+
+class NoHealthyBackend(BalancerError):
+    status = 503
+    type = "service_unavailable"
+    code = "no_healthy_backend"
+    retry_after = 2
+
+
+class UpstreamFailed(BalancerError):
+    """Every attempt failed at the transport level before any byte reached the client."""
+
+    status = 502
+    type = "upstream_error"
+    code = "bad_gateway"
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
+
+
+def error_response(exc: BalancerError) -> web.Response:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return web.Response(
+        status=exc.status,
+        body=error_body(exc.message, exc.type, exc.code, exc.param),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def sse_error_event(message: str) -> bytes:
+    """The last event of a stream whose backend failed after bytes were sent (OpenAI SDKs raise on it)."""
+    return b"data: " + error_body(message, "upstream_error", "upstream_disconnected") + b"\n\n"
+
+
+def answers_errors(handler: Handler) -> Handler:
+    """Wrap an admin handler so a BalancerError becomes its JSON response (the proxy does this inline)."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except BalancerError as exc:
+            return error_response(exc)
+
+    return wrapped

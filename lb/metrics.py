@@ -1,0 +1,125 @@
+"""Prometheus metrics on the balancer's own registry; per-backend counts are read from the pool when scraped.
+
+Hot-path cost is kept to a few histogram observations per request: counters by backend and status, in-flight,
+health and queue depth live as plain ints on Backend/Admission and a collector turns them into samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from lb.backends import Backend, BackendPool
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)  # seconds
+OVERHEAD_BUCKETS = (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2)  # seconds
+
+
+class Metrics:
+    def __init__(self, pool: BackendPool, queue_depth: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.latency = Histogram(
+            "lb_request_duration_seconds",
+            "Arrival to last byte relayed, proxied requests",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttfb = Histogram(
+            "lb_time_to_first_byte_seconds",
+            "Arrival to the worker's response headers",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.overhead = Histogram(
+            "lb_overhead_seconds",
+            "Balancer time before forwarding an attempt (auth, body, routing, queue wait)",
+            buckets=OVERHEAD_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "lb_queue_wait_seconds",
+            "Time requests waited in the admission queue",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.rejections: dict[int, int] = {}  # status -> requests the balancer answered itself
+        self.retries: dict[int, int] = {}  # backend index -> attempts retried elsewhere
+        self.stream_failures = 0
+        self.client_disconnects = 0
+        self.registry.register(_PoolCollector(pool, queue_depth, self))
+
+    def observe(self, backend: Backend, status: int, ttfb: float, total: float) -> None:
+        self.ttfb.observe(ttfb)
+        self.latency.observe(total)
+
+    def rejected(self, status: int) -> None:
+        self.rejections[status] = self.rejections.get(status, 0) + 1
+
+    def retried(self, backend: Backend) -> None:
+        self.retries[backend.index] = self.retries.get(backend.index, 0) + 1
+
+    def stream_failed(self, backend: Backend) -> None:
+        self.stream_failures += 1
+
+    def client_gone(self, backend: Backend) -> None:
+        self.client_disconnects += 1
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _PoolCollector(Collector):
+    def __init__(self, pool: BackendPool, queue_depth: Callable[[], int], metrics: Metrics) -> None:
+        self._pool = pool
+        self._queue_depth = queue_depth
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "lb_requests",
+            "Responses relayed, by backend and HTTP status",
+            labels=["backend", "url", "status"],
+        )
+        errors = CounterMetricFamily(
+            "lb_backend_errors", "Transport failures and 5xx answers, by backend", labels=["backend", "url"]
+        )
+        in_flight = GaugeMetricFamily(
+            "lb_backend_in_flight", "Requests in flight, by backend", labels=["backend", "url"]
+        )
+        healthy = GaugeMetricFamily(
+            "lb_backend_healthy", "1 when the backend receives requests", labels=["backend", "url"]
+        )
+        retries = CounterMetricFamily(
+            "lb_retries", "Attempts retried on another backend, by failed backend", labels=["backend"]
+        )
+        for b in self._pool.backends:
+            labels = [str(b.index), b.url]
+            for status, count in sorted(b.status_counts.items()):
+                requests.add_metric([*labels, str(status)], count)
+            errors.add_metric(labels, b.errors)
+            in_flight.add_metric(labels, b.in_flight)
+            healthy.add_metric(labels, 1.0 if b.routable else 0.0)
+        for index, count in sorted(self._metrics.retries.items()):
+            retries.add_metric([str(index)], count)
+        rejected = CounterMetricFamily(
+            "lb_rejected", "Requests the balancer answered itself, by status", labels=["status"]
+        )
+        for status, count in sorted(self._metrics.rejections.items()):
+            rejected.add_metric([str(status)], count)
+        yield from (requests, errors, in_flight, healthy, retries, rejected)
+        yield GaugeMetricFamily(
+            "lb_queue_depth", "Requests waiting for a free backend", value=self._queue_depth()
+        )
+        yield CounterMetricFamily(
+            "lb_stream_failures",
+            "Streams ended with an error event after bytes were sent",
+            value=self._metrics.stream_failures,
+        )
+        yield CounterMetricFamily(
+            "lb_client_disconnects",
+            "Streams the client left before the end",
+            value=self._metrics.client_disconnects,
+        )

@@ -1,0 +1,68 @@
+"""Model-aware routing: narrow the candidates to the backends serving a request's `model`.
+
+Matching is exact first, then normalised the way the seed's multi-server router did: case-insensitive, without
+an `org/` prefix and without an `-it` / `-instruct` suffix, so `Qwen/Qwen2.5-0.5B-Instruct` reaches a worker
+serving `qwen2.5-0.5b`. When every backend serves the same models, routing ignores the body entirely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lb.backends import Backend, BackendPool
+from lb.errors import ModelNotFound
+
+SUFFIXES = ("-instruct", "-it")
+
+
+def normalise(name: str) -> str:
+    """`Org/Model-Name-Instruct` -> `model-name`."""
+    name = name.strip().lower().rsplit("/", 1)[-1]
+    for suffix in SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+class ModelRouter:
+    """Answers "does routing need the body?" and "which backends serve this model?" from the pool's state."""
+
+    def __init__(self, pool: BackendPool) -> None:
+        self._pool = pool
+        self.needs_model = False
+        self._cache: dict[str, list[Backend]] = {}  # model name as sent -> routable backends serving it
+        pool.on_change(self.refresh)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Health, models or membership changed: per-model candidate lists are rebuilt lazily."""
+        model_sets = {b.models for b in self._pool.backends if not b.removed}
+        # one distinct model set (or none known) means any backend will do: forward the body unread
+        self.needs_model = len(model_sets) > 1
+        self._cache.clear()
+
+    def candidates(self, model: str | None, backends: Sequence[Backend]) -> Sequence[Backend]:
+        """The routable backends serving `model`; all of them when `model` is absent or routing is moot.
+
+        An empty result means the model is known but no backend serving it is healthy right now (the caller
+        answers 503). A model no backend has ever served raises ModelNotFound listing the available ones.
+        """
+        if model is None or not self.needs_model:
+            return backends
+        cached = self._cache.get(model)
+        if cached is not None:
+            return cached
+        everyone = [b for b in self._pool.backends if not b.removed]
+        serving = [b for b in everyone if model in b.models]
+        if not serving:
+            wanted = normalise(model)
+            serving = [b for b in everyone if any(normalise(m) == wanted for m in b.models)]
+        if not serving:
+            available = sorted({m for b in everyone for m in b.models})
+            raise ModelNotFound(
+                f"The model '{model}' does not exist on this balancer. Available models: "
+                + (", ".join(available) or "(none)")
+            )
+        result = [b for b in backends if b in serving]
+        self._cache[model] = result
+        return result

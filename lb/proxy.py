@@ -1,0 +1,326 @@
+"""The proxy route: auth, body, model routing, admission, then forward one attempt at a time and relay.
+
+Hot path, in order: one header compare (auth), one body read (bodies up to BUFFER_LIMIT are kept so an attempt
+can be retried), the model read only when backends serve different models, a policy choice, one upstream
+request over the pooled session, and the response relayed: small complete bodies in one write, anything else
+(SSE, unknown length) chunk by chunk as it arrives. Response bodies are never parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from lb.admission import Admission
+from lb.auth import check_bearer
+from lb.backends import Backend, BackendPool
+from lb.config import BalancerConfig
+from lb.errors import BadRequest, BalancerError, BodyTooLarge, UpstreamFailed, error_response, sse_error_event
+from lb.health import HealthChecker
+from lb.metrics import Metrics
+from lb.model_routing import ModelRouter
+
+log = logging.getLogger("lb.proxy")
+
+BUFFER_LIMIT = (
+    1 << 20
+)  # bytes: request bodies up to this are read whole (retryable); responses relayed in one write
+RETRY_STATUSES = frozenset({429, 502, 503})  # a full, failing or draining worker answered before doing work
+# hop-by-hop headers (RFC 9110 7.6.1) and those the client session recomputes
+REQUEST_DROP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+RESPONSE_DROP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "content-length",
+        "upgrade",
+        "trailer",
+        "date",
+        "server",
+    }
+)
+TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionResetError)
+
+
+class _Retry:
+    """An attempt failed before any byte reached the client; try another backend."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class Proxy:
+    def __init__(
+        self,
+        config: BalancerConfig,
+        pool: BackendPool,
+        admission: Admission,
+        router: ModelRouter,
+        health: HealthChecker,
+        metrics: Metrics,
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self._pool = pool
+        self._admission = admission
+        self._router = router
+        self._health = health
+        self._metrics = metrics
+        self._session = session
+        self._keys = config.api_keys()
+        self._max_body = config.max_body_size
+        self._max_retries = config.max_retries
+        # no total timeout: a stream that keeps producing may run for hours; silence is what times out
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=config.connect_timeout, sock_read=config.request_timeout
+        )
+        self.total_requests = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        self.total_requests += 1
+        try:
+            if self._keys:
+                check_bearer(request.headers.get("Authorization"), self._keys)
+            body = await self._read_body(request)
+            model = None
+            if self._router.needs_model and isinstance(body, bytes):
+                model = _model_of(body)
+            candidates = self._router.candidates(model, self._pool.routable)  # raises ModelNotFound
+            return await self._forward(request, body, model, candidates, started)
+        except BalancerError as exc:
+            self._metrics.rejected(exc.status)
+            return error_response(exc)
+
+    async def _read_body(self, request: web.Request) -> bytes | AsyncIterator[bytes] | None:
+        if not request.body_exists:
+            return None
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            raise BodyTooLarge(f"Request body of {length} bytes exceeds the limit of {self._max_body} bytes.")
+        if length is not None and length <= BUFFER_LIMIT:
+            return await request.read()
+        if self._router.needs_model:
+            return await _read_bounded(request.content, self._max_body)
+        return _stream_bounded(request.content, self._max_body)  # large: streamed through, not retryable
+
+    async def _forward(
+        self,
+        request: web.Request,
+        body: bytes | AsyncIterator[bytes] | None,
+        model: str | None,
+        candidates: Sequence[Backend],
+        started: float,
+    ) -> web.StreamResponse:
+        router, pool = self._router, self._pool
+
+        def current() -> Sequence[Backend]:
+            return router.candidates(model, pool.routable)
+
+        if not candidates:
+            current = _empty  # known model, nobody healthy serving it: 503 from admission
+        tried: frozenset[int] = frozenset()
+        retries = 0
+        while True:
+            backend = await self._admission.choose(current, tried)
+            can_retry = (
+                retries < self._max_retries
+                and not isinstance(body, AsyncIterator)
+                and any(b.index not in tried and b is not backend for b in current())
+            )
+            async with pool.track(backend):
+                outcome = await self._attempt(request, backend, body, retries, can_retry, started)
+            if not isinstance(outcome, _Retry):
+                return outcome
+            log.info("retrying on another backend: backend %d %s", backend.index, outcome.reason)
+            self._metrics.retried(backend)
+            tried = tried | {backend.index}
+            retries += 1
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        backend: Backend,
+        body: bytes | AsyncIterator[bytes] | None,
+        retries: int,
+        can_retry: bool,
+        started: float,
+    ) -> web.StreamResponse | _Retry:
+        sent_at = time.perf_counter()
+        self._metrics.overhead.observe(sent_at - started)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in REQUEST_DROP}
+        if self._keys:
+            headers.pop("Authorization", None)  # the client's key is for the balancer, not the worker
+        url = URL(backend.url + request.raw_path, encoded=True)
+        try:
+            upstream = await self._session.request(
+                request.method,
+                url,
+                data=body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+                compress=None,
+            )
+        except TRANSPORT_ERRORS as exc:
+            # refused or reset: nothing was processed, so it is safe to retry and to stop routing there
+            backend.errors += 1
+            self._health.mark_down(backend, f"{exc.__class__.__name__}: {exc}")
+            if can_retry:
+                return _Retry(f"connection failed ({exc.__class__.__name__})")
+            raise UpstreamFailed(f"Worker {backend.index} failed: {exc.__class__.__name__}.") from None
+        except TimeoutError:
+            backend.errors += 1
+            if can_retry and time.perf_counter() - sent_at < self._timeout.connect + 0.5:  # type: ignore[operator]
+                return _Retry("connect timeout")
+            raise UpstreamFailed(f"Worker {backend.index} did not answer in time.") from None
+        return await self._relay(request, backend, upstream, retries, can_retry, started)
+
+    async def _relay(
+        self,
+        request: web.Request,
+        backend: Backend,
+        upstream: aiohttp.ClientResponse,
+        retries: int,
+        can_retry: bool,
+        started: float,
+    ) -> web.StreamResponse | _Retry:
+        status = upstream.status
+        if status in RETRY_STATUSES and can_retry:
+            upstream.release()
+            backend.errors += status != 429
+            return _Retry(f"answered {status}")
+        ttfb = time.perf_counter()
+        headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in RESPONSE_DROP)
+        headers["X-LB-Worker"] = str(backend.index)
+        headers["X-LB-Retries"] = str(retries)
+        length = upstream.content_length
+        is_sse = upstream.content_type == "text/event-stream"
+        try:
+            if length is not None and length <= BUFFER_LIMIT and not is_sse:
+                data = await upstream.read()  # the worker already produced it whole; one write is cheapest
+                backend.last_progress = time.monotonic()
+                self._account(backend, status, started, ttfb)
+                return web.Response(status=status, body=data, headers=headers)
+            return await self._stream(request, backend, upstream, headers, is_sse, started, ttfb)
+        except TRANSPORT_ERRORS as exc:
+            backend.errors += 1
+            self._health.mark_down(backend, f"{exc.__class__.__name__} while reading the response")
+            raise UpstreamFailed(f"Worker {backend.index} failed mid-response.") from None
+        finally:
+            upstream.close() if not upstream.closed and not upstream.content.is_eof() else upstream.release()
+
+    async def _stream(
+        self,
+        request: web.Request,
+        backend: Backend,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        is_sse: bool,
+        started: float,
+        ttfb: float,
+    ) -> web.StreamResponse:
+        out = web.StreamResponse(status=upstream.status, headers=headers)
+        await out.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                backend.last_progress = time.monotonic()
+                try:
+                    await out.write(chunk)
+                except ConnectionError:
+                    # the client left between two chunks; closing upstream (in _relay) stops the worker
+                    self._metrics.client_gone(backend)
+                    return out
+        except (
+            aiohttp.ClientPayloadError,
+            aiohttp.ServerDisconnectedError,
+            aiohttp.ClientOSError,
+            TimeoutError,
+        ) as exc:
+            # the worker failed after bytes were sent: end the stream visibly instead of hanging or truncating
+            backend.errors += 1
+            self._metrics.stream_failed(backend)
+            if not isinstance(exc, TimeoutError):
+                self._health.mark_down(backend, f"{exc.__class__.__name__} mid-stream")
+            if is_sse:
+                await out.write(
+                    sse_error_event(f"Worker {backend.index} failed mid-stream: {exc.__class__.__name__}.")
+                )
+                await out.write_eof()
+                return out
+            raise  # not SSE: abort the connection so the client sees a truncated body
+        await out.write_eof()
+        self._account(backend, upstream.status, started, ttfb)
+        return out
+
+    def _account(self, backend: Backend, status: int, started: float, ttfb: float) -> None:
+        end = time.perf_counter()
+        backend.requests_served += 1
+        backend.status_counts[status] = backend.status_counts.get(status, 0) + 1
+        if status >= 500:
+            backend.errors += 1
+        backend.latencies.append(end - started)
+        self._metrics.observe(backend, status, ttfb - started, end - started)
+
+
+def _empty() -> Sequence[Backend]:
+    return ()
+
+
+def _model_of(body: bytes) -> str | None:
+    """The request's `model`, read only when backends serve different models."""
+    if not body:
+        return None
+    try:
+        payload: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    model = payload.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest("'model' must be a string.", param="model")
+    return model
+
+
+async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in stream.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _stream_bounded(stream: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
+    size = 0
+    async for chunk in stream.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+        yield chunk

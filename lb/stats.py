@@ -1,0 +1,53 @@
+"""GET /stats and GET /health: the balancer's state as JSON (the seed's /stats shape, extended)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from lb.backends import Backend, BackendPool
+
+
+def backend_stats(b: Backend) -> dict[str, Any]:
+    return {
+        "index": b.index,
+        "url": b.url,
+        "healthy": b.healthy,
+        "draining": b.draining,
+        "requests_served": b.requests_served,
+        "errors": b.errors,
+        "in_flight": b.in_flight,
+        "models": sorted(b.models),
+        "consecutive_failures": b.consecutive_failures,
+        "last_check": b.last_check,  # unix seconds of the last probe, None before the first
+        "latency_ms_p50": b.latency_ms_p50(),
+    }
+
+
+def stats(
+    pool: BackendPool, *, policy: str, total_requests: int, started: float, queue_depth: int
+) -> dict[str, Any]:
+    return {
+        "total_workers": len(pool.backends),
+        "healthy_workers": sum(1 for b in pool.backends if b.healthy),
+        "total_requests": total_requests,
+        "policy": policy,
+        "uptime_s": round(time.monotonic() - started, 3),
+        "queue_depth": queue_depth,
+        "in_flight": pool.total_in_flight,
+        "models": pool.models(),
+        "workers": [backend_stats(b) for b in pool.backends],
+    }
+
+
+def health(pool: BackendPool, draining: bool) -> tuple[int, dict[str, Any]]:
+    """200 while at least one backend takes requests (and the balancer is not shutting down), else 503."""
+    routable = len(pool.routable)
+    ok = routable > 0 and not draining
+    body = {
+        "status": "ok" if ok else ("draining" if draining else "no_healthy_workers"),
+        "healthy_workers": routable,
+        "total_workers": len(pool.backends),
+        "in_flight": pool.total_in_flight,
+    }
+    return (200 if ok else 503), body
