@@ -1,0 +1,58 @@
+"""Engines behind one protocol (`base.Engine`), chosen by name; optional ones are imported only when chosen.
+
+Adding an engine = one builder function here plus its module. A future in-process vLLM engine would plug in
+as `"vllm": _build_vllm`, importing `vllm` inside the builder and adapting `LLMEngine.step()` outputs to
+`TokenEvent`s (its own scheduler would then take the role of `admit`). External servers (vLLM, SGLang) are not
+engines: the launcher runs them as workers behind the same HTTP contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lb.settings import ConfigError
+from workers.config import WorkerConfig
+from workers.engines.base import Engine
+from workers.engines.fake import DEFAULT_MAX_MODEL_LEN, FakeEngine
+
+
+def _build_fake(config: WorkerConfig) -> Engine:
+    return FakeEngine(
+        served_model_name=config.model_name,
+        max_model_len=config.max_model_len or DEFAULT_MAX_MODEL_LEN,
+        max_num_seqs=config.batch_size,
+        prefill_latency=config.fake_prefill_latency,
+        step_latency=config.fake_step_latency,
+        per_seq_latency=config.fake_per_seq_latency,
+    )
+
+
+def _build_hf(config: WorkerConfig) -> Engine:
+    try:
+        from workers.engines.hf import HFEngine
+    except ImportError as exc:  # torch / transformers are the optional `hf` extra
+        raise ConfigError(
+            f"engine: 'hf' needs torch and transformers ({exc}); install them with "
+            "`pip install 'inference-balancer[hf]'` or use --engine fake"
+        ) from exc
+    assert config.model_path is not None  # WorkerConfig requires it for hf
+    return HFEngine(
+        config.model_path,
+        served_model_name=config.model_name,
+        device=config.device,
+        dtype=config.dtype,
+        max_model_len=config.max_model_len,
+    )
+
+
+ENGINE_BUILDERS: dict[str, Callable[[WorkerConfig], Engine]] = {"fake": _build_fake, "hf": _build_hf}
+
+
+def create_engine(config: WorkerConfig) -> Engine:
+    """The engine named by `config.engine`, built but not loaded (`load()` is slow: call it off-loop)."""
+    try:
+        builder = ENGINE_BUILDERS[config.engine]
+    except KeyError:
+        known = ", ".join(ENGINE_BUILDERS)
+        raise ConfigError(f"engine: unknown engine {config.engine!r}; known: {known}") from None
+    return builder(config)

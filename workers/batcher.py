@@ -1,0 +1,335 @@
+"""The dynamic batcher: a bounded queue in front of ONE engine thread, with per-request event streams.
+
+Shape (after Ray Serve's batching): requests wait in a queue until `batch_size` are there or `max_wait_time`
+has passed since the oldest arrived; the engine thread runs `engine.generate` on the batch and, after every
+decode step, hands that step's events to the event loop with one `call_soon_threadsafe`, which puts each
+event on its submission's asyncio queue. Between steps the engine may `admit(n)` queued requests into the
+running batch (continuous batching). A cancelled request leaves the queue at once, or the running batch at
+its next step. One engine exception is fanned out to every request it affected; the worker keeps serving.
+
+Threads: the event loop (submit, cancel, delivery), one "prepare" thread (tokenising, so a long prompt never
+blocks the loop nor waits behind a batch) and one "engine" thread (load, then generate). Shared state (the
+queue, running and cancelled sets) is guarded by one lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+
+from workers.engines.base import Engine, EngineRequest, PromptTooLongError, TokenEvent
+from workers.errors import EngineFailed, NotReady, QueueFull
+from workers.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Submission:
+    """The engine requests of one HTTP request (n > 1 gives several) and the events they produce."""
+
+    def __init__(self, requests: list[EngineRequest], arrived_at: float) -> None:
+        self.requests = requests
+        self.arrived_at = arrived_at  # time.monotonic() when the HTTP request arrived
+        self.first_token_at: float | None = None
+        self.unfinished = {r.request_id for r in requests}
+        self._inbox: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens of the first request: n samples of one prompt count it once, as OpenAI does."""
+        return len(self.requests[0].prompt_token_ids) if self.requests else 0
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        """Every event of every request, in production order, until all finished; raises an engine error."""
+        while self.unfinished:
+            item = await self._inbox.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finished:
+                self.unfinished.discard(item.request_id)
+            yield item
+
+    def put(self, item: TokenEvent | BaseException) -> None:
+        self._inbox.put_nowait(item)
+
+
+@dataclass
+class _Entry:
+    request: EngineRequest
+    submission: Submission
+    enqueued_at: float  # time.monotonic()
+
+
+class DynamicBatcher:
+    """Owns the engine thread. `start()` loads the engine; `submit()` queues requests; `close()` stops."""
+
+    def __init__(
+        self, engine: Engine, *, batch_size: int, max_wait_time: float, max_queue: int,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.engine = engine
+        self.batch_size = batch_size
+        self.max_wait_time = max_wait_time  # seconds
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.accepting = True
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._queue: deque[_Entry] = deque()
+        self._running: set[str] = set()
+        self._cancelled: set[str] = set()
+        self._preparing = 0  # requests between admission and the queue (tokenising); loop thread only
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+
+    # ---- state read by /health and /metrics -------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue) + self._preparing
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def is_idle(self) -> bool:
+        return not self._queue and not self._running and not self._preparing
+
+    # ---- lifecycle (event loop) --------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the engine thread and load the engine on it; returns when loaded, raises if loading fails."""
+        self._loop = asyncio.get_running_loop()
+        loaded: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._engine_main, args=(loaded,), name="engine", daemon=True)
+        self._thread.start()
+        await loaded
+
+    async def wait_idle(self, limit: float) -> bool:
+        """Wait up to `limit` seconds until nothing is queued or running; False if time ran out first."""
+        deadline = time.monotonic() + limit
+        while not self.is_idle:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def close(self, join_limit: float = 10.0) -> None:
+        """Stop accepting, fail the queued, cut the running off at their next step, join the thread."""
+        self.accepting = False
+        with self._lock:
+            self._stopping = True
+            dropped = list(self._queue)
+            self._queue.clear()
+            self._cancelled.update(self._running)
+            self._wakeup.notify_all()
+        for submission in {id(e.submission): e.submission for e in dropped}.values():
+            submission.put(NotReady("the worker is shutting down"))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, join_limit)
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- requests (event loop) ---------------------------------------------------------------------
+    @asynccontextmanager
+    async def submit(
+        self, requests: list[EngineRequest], *, fill_context: bool = False, arrived_at: float | None = None,
+    ) -> AsyncIterator[Submission]:
+        """Prepare and queue `requests` (429 if full, 400 if too long); leaving the block cancels the rest.
+
+        `fill_context`: each request may generate up to the rest of the context after its prompt.
+        """
+        submission = await self._enqueue(requests, fill_context, arrived_at or time.monotonic())
+        try:
+            yield submission
+        finally:
+            self.cancel(submission)
+
+    async def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The engine's chat template, applied on the prepare thread (templates can be slow)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prepare_pool, self.engine.render_chat, messages)
+
+    def cancel(self, submission: Submission) -> None:
+        """Drop the submission's unfinished requests from the queue or the running batch (no-op when done)."""
+        if not submission.unfinished:
+            return
+        with self._lock:
+            self._queue = deque(e for e in self._queue if e.submission is not submission)
+            for request_id in submission.unfinished:
+                if request_id in self._running:
+                    self._running.discard(request_id)  # its slot is free now; the engine drops it next step
+                    self._cancelled.add(request_id)
+        submission.unfinished.clear()
+
+    async def _enqueue(
+        self, requests: list[EngineRequest], fill_context: bool, arrived_at: float
+    ) -> Submission:
+        if not self.accepting:
+            raise NotReady("the worker is draining and accepts no new requests")
+        if self.queue_depth + len(requests) > self.max_queue:
+            raise QueueFull(f"the worker's queue is full ({self.max_queue} requests waiting); retry later")
+        loop = asyncio.get_running_loop()
+        self._preparing += len(requests)
+        try:
+            await loop.run_in_executor(self._prepare_pool, self._prepare_all, requests, fill_context)
+        finally:
+            self._preparing -= len(requests)
+        if self.metrics is not None:
+            self.metrics.observe_prompt(sum(len(r.prompt_token_ids) for r in requests))
+        submission = Submission(requests, arrived_at)
+        now = time.monotonic()
+        with self._lock:
+            if self._stopping:
+                raise NotReady("the worker is shutting down")
+            self._queue.extend(_Entry(r, submission, now) for r in requests)
+            self._wakeup.notify()
+        return submission
+
+    def _prepare_all(self, requests: list[EngineRequest], fill_context: bool) -> None:
+        """Tokenise on the prepare thread; n copies of one prompt are tokenised once."""
+        limit = self.engine.info.max_model_len
+        previous: EngineRequest | None = None
+        for request in requests:
+            if previous is not None and previous.prompt == request.prompt and not fill_context:
+                request.prompt_token_ids = list(previous.prompt_token_ids)
+            else:
+                self.engine.prepare(request)
+            prompt_len = len(request.prompt_token_ids)
+            if fill_context:
+                request.params = replace(request.params, max_new_tokens=limit - prompt_len)
+            if request.params.max_new_tokens < 1 or prompt_len + request.params.max_new_tokens > limit:
+                raise PromptTooLongError(
+                    f"this model's maximum context length is {limit} tokens, but {prompt_len} prompt "
+                    f"tokens + {max(request.params.max_new_tokens, 1)} new tokens were requested"
+                )
+            previous = request
+
+    # ---- engine thread -----------------------------------------------------------------------------
+    def _engine_main(self, loaded: asyncio.Future[None]) -> None:
+        try:
+            self.engine.load()
+        except BaseException as exc:  # the thread's outer edge: report to start() and end the thread
+            self._call_soon(self._settle, loaded, exc)
+            return
+        self._call_soon(self._settle, loaded, None)
+        while (batch := self._next_batch()) is not None:
+            self._run_batch(batch)
+
+    def _next_batch(self) -> list[_Entry] | None:
+        """Block until a batch is due: batch_size requests queued, or the oldest waited max_wait_time."""
+        with self._wakeup:
+            while True:
+                while not self._queue and not self._stopping:
+                    self._wakeup.wait()
+                if self._stopping:
+                    return None
+                deadline = self._queue[0].enqueued_at + self.max_wait_time
+                while self._queue and len(self._queue) < self.batch_size and not self._stopping:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._wakeup.wait(remaining)
+                if self._queue and not self._stopping:
+                    batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
+                    self._running.update(e.request.request_id for e in batch)
+                    return batch
+
+    def _run_batch(self, batch: list[_Entry]) -> None:
+        active = {e.request.request_id: e for e in batch}  # unfinished requests of this engine call
+        seen = list(active)
+        if self.metrics is not None:
+            self.metrics.observe_batch(len(batch))
+
+        def admit(n: int) -> list[EngineRequest]:
+            with self._lock:
+                room = min(n, self.batch_size - len(self._running), len(self._queue))
+                joined = [self._queue.popleft() for _ in range(max(room, 0))]
+                self._running.update(e.request.request_id for e in joined)
+            for entry in joined:
+                active[entry.request.request_id] = entry
+                seen.append(entry.request.request_id)
+            if joined and self.metrics is not None:
+                self.metrics.observe_admitted(len(joined))
+            return [e.request for e in joined]
+
+        try:
+            for events in self.engine.generate([e.request for e in batch], self._is_cancelled, admit):
+                self._dispatch(events, active)
+        except Exception as exc:  # one engine failure fails exactly the requests it was generating
+            log.exception("engine failed while generating a batch of %d requests", len(active))
+            self._fail(self._live(active), EngineFailed(f"the engine failed: {type(exc).__name__}: {exc}"))
+            active.clear()
+        finally:
+            leftovers = self._live(active)
+            if leftovers:
+                log.error("engine ended a batch without finishing %d requests", len(leftovers))
+                self._fail(leftovers, EngineFailed("the engine ended its batch before this request"))
+            with self._lock:
+                self._running.difference_update(seen)
+                self._cancelled.difference_update(seen)
+
+    def _dispatch(self, events: list[TokenEvent], active: dict[str, _Entry]) -> None:
+        deliveries: list[tuple[Submission, TokenEvent]] = []
+        finished: list[str] = []
+        for event in events:
+            entry = active.get(event.request_id)
+            if entry is None:
+                continue
+            if event.finished:
+                del active[event.request_id]
+                finished.append(event.request_id)
+            if not self._is_cancelled(event.request_id):
+                deliveries.append((entry.submission, event))
+        if finished:
+            with self._lock:
+                self._running.difference_update(finished)
+        if deliveries:
+            self._call_soon(self._deliver, deliveries)
+
+    def _live(self, active: dict[str, _Entry]) -> list[_Entry]:
+        with self._lock:
+            return [e for rid, e in active.items() if rid not in self._cancelled]
+
+    def _fail(self, entries: list[_Entry], exc: BaseException) -> None:
+        for submission in {id(e.submission): e.submission for e in entries}.values():
+            self._call_soon(submission.put, exc)
+
+    def _is_cancelled(self, request_id: str) -> bool:
+        with self._lock:
+            return request_id in self._cancelled
+
+    def _call_soon(self, callback: object, *args: object) -> None:
+        assert self._loop is not None
+        # RuntimeError: the loop closed under us during shutdown, so nobody is waiting any more
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(callback, *args)  # type: ignore[arg-type]
+
+    # ---- back on the event loop ----------------------------------------------------------------------
+    def _deliver(self, deliveries: list[tuple[Submission, TokenEvent]]) -> None:
+        now = time.monotonic()
+        for submission, event in deliveries:
+            if submission.first_token_at is None and event.num_tokens > 0:
+                submission.first_token_at = now
+                if self.metrics is not None:
+                    self.metrics.observe_first_token(now - submission.arrived_at)
+            if self.metrics is not None:
+                self.metrics.observe_tokens(event.num_tokens)
+            submission.put(event)
+
+    @staticmethod
+    def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is None:
+            future.set_result(None)
+        else:
+            future.set_exception(exc)

@@ -1,0 +1,99 @@
+"""The worker's settings: one frozen dataclass filled from CLI flags, YAML and `IB_WORKER_*` variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lb.settings import ConfigError, load_config, setting
+
+ENGINES = ("hf", "fake")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ENV_PREFIX = "IB_WORKER_"
+FAKE_MODEL_NAME = "fake-model"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything one worker process needs; every default is declared here and nowhere else."""
+
+    model_path: str | None = setting(
+        None, "model directory (save_pretrained layout); required for --engine hf", metavar="DIR"
+    )
+    served_model_name: str | None = setting(
+        None, "model name clients send and /v1/models lists (default: the model directory's name, "
+        "or 'fake-model' for the fake engine)", metavar="NAME"
+    )
+    host: str = setting("127.0.0.1", "address to bind; 0.0.0.0 exposes the worker to the network")
+    port: int = setting(8001, "TCP port to listen on")
+    engine: str = setting(
+        "hf", "hf = transformers on the model in --model-path; fake = deterministic text with a latency "
+        "model imitating a batching GPU, needs no files (for testing the balancer)", choices=ENGINES
+    )
+    device: str = setting("auto", "where the hf engine runs; auto = cuda when available", choices=DEVICES)
+    dtype: str = setting("auto", "weights dtype of the hf engine; auto = the model's own", choices=DTYPES)
+    batch_size: int = setting(8, "most sequences generated together in one batch")
+    max_wait_time: float = setting(
+        0.05, "seconds the batcher waits, after a request arrives at an idle engine, for more to fill a batch"
+    )
+    max_model_len: int | None = setting(
+        None, "context length in tokens (prompt + generated); default: the model's own (4096 for fake)"
+    )
+    max_queue: int = setting(
+        256, "requests that may wait for a batch slot; beyond it new requests get 429 with Retry-After"
+    )
+    drain_timeout: float = setting(
+        30.0, "seconds after SIGTERM that running requests may take to finish before they are cut off"
+    )
+    log_level: str = setting("info", "logging level", choices=LOG_LEVELS)
+    fake_prefill_latency: float = setting(
+        0.0, "fake engine: seconds charged once per batch (and per admitted group) for the prefill"
+    )
+    fake_step_latency: float = setting(0.0, "fake engine: seconds per decode step, whatever the batch size")
+    fake_per_seq_latency: float = setting(
+        0.0, "fake engine: extra seconds per decode step for each running sequence"
+    )
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine: must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine == "hf" and not self.model_path:
+            raise ConfigError("model_path: required with --engine hf (or use --engine fake)")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port: must be 1-65535, got {self.port}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: must be at least 1, got {self.batch_size}")
+        if self.max_queue < 1:
+            raise ConfigError(f"max_queue: must be at least 1, got {self.max_queue}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len: must be at least 2, got {self.max_model_len}")
+        for name in ("max_wait_time", "drain_timeout", "fake_prefill_latency", "fake_step_latency",
+                     "fake_per_seq_latency"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
+
+    @property
+    def model_name(self) -> str:
+        """The name this worker serves under."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model_path:
+            return Path(self.model_path).resolve().name
+        return FAKE_MODEL_NAME
+
+
+def load_worker_config(argv: list[str] | None = None) -> WorkerConfig:
+    """Parse the worker's command line (exits with usage on --help or a bad flag)."""
+    return load_config(
+        WorkerConfig,
+        argv,
+        prog="python -m workers",
+        description=(
+            "One OpenAI-compatible inference worker (one per GPU): /v1/completions, /v1/chat/completions,\n"
+            "/generate, /health, /v1/models, /metrics. Concurrent requests are batched dynamically.\n"
+            f"Every flag is also a YAML key in --config and an environment variable {ENV_PREFIX}<FLAG_NAME>."
+        ),
+        env_prefix=ENV_PREFIX,
+    )

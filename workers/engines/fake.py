@@ -1,0 +1,141 @@
+"""A fake engine: deterministic text, no model files, and a latency model that imitates a batching GPU.
+
+It exists to test and benchmark the balancer with many workers on a 2-core machine; it is never a stand-in
+for the real engine. Rules a test may rely on:
+- a "token" is one word with a leading space, drawn from a fixed word list by a generator seeded with the
+  prompt (greedy, i.e. temperature 0) or with prompt + seed (sampling with a seed); sampling without a seed
+  is random. The same prompt and parameters always give the same text.
+- a prompt counts one token per whitespace-separated word (at least one).
+- unless `ignore_eos`, one prompt in eight (by a hash of the prompt) ends with EOS (finish_reason "stop")
+  after a prompt-dependent 8-39 tokens; `fake_eos_position(prompt)` says where (None = never).
+- time per decode step = step_latency + per_seq_latency * running sequences, plus prefill_latency once per
+  batch and once per group of requests admitted into a running batch (continuous batching).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from workers.engines.base import EngineInfo, EngineRequest, PromptTooLongError, TokenEvent
+from workers.engines.stopping import StopStringMatcher
+
+WORDS = (
+    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett", "kilo",
+    "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor",
+    "whiskey", "xray", "yankee", "zulu", "red", "orange", "yellow", "green", "blue", "indigo", "violet",
+    "river", "mountain", "forest", "desert", "ocean", "cloud", "stone", "silver", "copper",
+)
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
+def _digest(text: str) -> int:
+    """A process-independent hash (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def fake_eos_position(prompt: str) -> int | None:
+    """The 1-based generated-token index at which the fake engine emits EOS for `prompt`, or None."""
+    h = _digest("eos:" + prompt)
+    return 8 + (h >> 3) % 32 if h % 8 == 0 else None
+
+
+def fake_prompt_tokens(prompt: str) -> list[int]:
+    return [_digest(word) % 50_000 for word in prompt.split()] or [0]
+
+
+@dataclass
+class _Sequence:
+    """One running request inside the fake batch."""
+
+    request: EngineRequest
+    rng: random.Random
+    matcher: StopStringMatcher
+    eos_at: int | None
+    generated: int = 0
+
+    def step(self) -> TokenEvent:
+        self.generated += 1
+        rid = self.request.request_id
+        if self.eos_at is not None and self.generated >= self.eos_at:
+            return TokenEvent(rid, self.matcher.flush(), 1, "stop")  # EOS is a token but adds no text
+        text = self.matcher.feed(" " + self.rng.choice(WORDS))
+        if self.matcher.stopped:
+            return TokenEvent(rid, text, 1, "stop")
+        if self.generated >= self.request.params.max_new_tokens:
+            return TokenEvent(rid, text + self.matcher.flush(), 1, "length")
+        return TokenEvent(rid, text, 1)
+
+
+@dataclass
+class FakeEngine:
+    """Implements the Engine protocol without a model. Latencies are in seconds."""
+
+    served_model_name: str = "fake-model"
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN
+    max_num_seqs: int = 8  # how many sequences it lets `admit` top the running batch up to
+    prefill_latency: float = 0.0
+    step_latency: float = 0.0
+    per_seq_latency: float = 0.0
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo("fake", self.served_model_name, "cpu", self.max_model_len)
+
+    def load(self) -> None:
+        """Nothing to load."""
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        lines = [f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages]
+        return "\n".join([*lines, "assistant:"])
+
+    def prepare(self, request: EngineRequest) -> None:
+        request.prompt_token_ids = fake_prompt_tokens(request.prompt)
+        needed = len(request.prompt_token_ids) + request.params.max_new_tokens
+        if needed > self.max_model_len:
+            raise PromptTooLongError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{len(request.prompt_token_ids)} prompt tokens + {request.params.max_new_tokens} new tokens "
+                f"were requested"
+            )
+
+    def generate(
+        self,
+        batch: list[EngineRequest],
+        is_cancelled: Callable[[str], bool],
+        admit: Callable[[int], list[EngineRequest]],
+    ) -> Iterator[list[TokenEvent]]:
+        running = [self._start(r) for r in batch]
+        self._wait(self.prefill_latency)
+        while running:
+            running = [s for s in running if not is_cancelled(s.request.request_id)]
+            if not running:
+                return
+            self._wait(self.step_latency + self.per_seq_latency * len(running))
+            events = [s.step() for s in running]
+            running = [s for s, e in zip(running, events, strict=True) if not e.finished]
+            yield events
+            if len(running) < self.max_num_seqs:
+                joined = admit(self.max_num_seqs - len(running))
+                if joined:
+                    self._wait(self.prefill_latency)
+                    running.extend(self._start(r) for r in joined)
+
+    def _start(self, request: EngineRequest) -> _Sequence:
+        params = request.params
+        if params.is_greedy:
+            rng = random.Random(_digest(request.prompt))
+        elif params.seed is not None:
+            rng = random.Random(_digest(f"{params.seed}:{request.prompt}"))
+        else:
+            rng = random.Random()
+        eos_at = None if params.ignore_eos else fake_eos_position(request.prompt)
+        return _Sequence(request, rng, StopStringMatcher(params.stop), eos_at)
+
+    def _wait(self, seconds: float) -> None:
+        if seconds > 0:
+            self.sleep(seconds)
