@@ -1,0 +1,121 @@
+"""Build a tiny deterministic Llama model and a locally trained byte-level BPE tokenizer, offline.
+
+`python -m workers.tiny_model DIR [--seed 0]` writes a `save_pretrained` directory (about 9 MB, 2.2 M
+parameters) that tests and demos serve; same seed and same Python stdlib give the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+BUILDER_VERSION = 1  # bump whenever the files written by build() change
+
+VOCAB_SIZE = 4096
+PAD_TOKEN, IM_START, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"  # ids 0, 1, 2
+DEFAULT_TRAIN_BYTES = 8_000_000  # tokenizer training corpus cap; ~3 s of training on one core
+LICENSES_DIR = Path("/usr/share/common-licenses")
+
+# ChatML, as Qwen uses it: <|im_start|>role\ncontent<|im_end|>\n ... then the assistant's opening tag.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def training_files() -> list[Path]:
+    """The tokenizer's corpus: CPython stdlib *.py, then the common licenses, each sorted (deterministic)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    py_files = sorted(
+        p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts
+    )
+    licenses = sorted(p for p in LICENSES_DIR.rglob("*") if p.is_file()) if LICENSES_DIR.is_dir() else []
+    return py_files + licenses
+
+
+def training_texts(max_bytes: int) -> Iterator[str]:
+    """Yield file contents until `max_bytes` (of UTF-8 text) have been produced."""
+    budget = max_bytes
+    for path in training_files():
+        if budget <= 0:
+            return
+        try:
+            text = path.read_bytes()[:budget].decode("utf-8", errors="ignore")
+        except OSError:
+            continue
+        budget -= len(text.encode("utf-8"))
+        yield text
+
+
+def train_tokenizer(max_bytes: int = DEFAULT_TRAIN_BYTES) -> object:
+    """A byte-level BPE `tokenizers.Tokenizer` of VOCAB_SIZE tokens with the three specials at ids 0-2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[PAD_TOKEN, IM_START, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(training_texts(max_bytes), trainer=trainer)
+    return tokenizer
+
+
+def build(out_dir: Path, seed: int = 0, train_bytes: int = DEFAULT_TRAIN_BYTES) -> Path:
+    """Write config, weights, tokenizer, chat template and generation config into `out_dir`; return it."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=train_tokenizer(train_bytes), eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    pad_id, eos_id = (int(tokenizer.convert_tokens_to_ids(t)) for t in (PAD_TOKEN, EOS_TOKEN))  # type: ignore[arg-type]
+
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        initializer_range=0.1,  # the HF default 0.02 makes a model that repeats one token (engines.md §2)
+        bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id,
+    )
+    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's global RNG
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)  # float32, the default dtype
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
+        eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None, do_sample=False,
+    )
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m workers.tiny_model",
+        description="Build the tiny deterministic Llama model and its locally trained tokenizer into DIR.",
+    )
+    parser.add_argument("dir", type=Path, help="output directory (created if missing)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for the random weights (same seed, same bytes)",
+    )
+    parser.add_argument(
+        "--train-bytes", type=int, default=DEFAULT_TRAIN_BYTES,
+        help="cap on the tokenizer training corpus, in bytes of text",
+    )
+    args = parser.parse_args(argv)
+    out = build(args.dir, seed=args.seed, train_bytes=args.train_bytes)
+    print(f"tiny model written to {out}")
+
+
+if __name__ == "__main__":
+    main()
