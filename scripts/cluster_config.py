@@ -122,6 +122,10 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "env_vars", parse_env_vars("env_vars", self.env_vars or {}))
+        for name, allowed in (("engine", ENGINES), ("policy", POLICIES), ("profile_tool", PROFILE_TOOLS)):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ConfigError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
         chosen = [f for f in ("gpus", "gpu_ids", "cpu_workers") if getattr(self, f) is not None]
         if len(chosen) > 1:
             raise ConfigError(f"{' and '.join(chosen)}: choose one of gpus, gpu_ids, cpu_workers")

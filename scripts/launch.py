@@ -72,13 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if stop_requested.is_set():
             return  # a second Ctrl-C must not interrupt the orderly stop already under way
         stop_requested.set()
+        if cluster.supervisor is not None:
+            cluster.supervisor.policy.enabled = False  # workers SIGTERMed with us (scancel) stay down
         say(f"{signal.Signals(signum).name} received: stopping")
         if starting:
             raise KeyboardInterrupt  # unwinds start(), which stops whatever it had started
 
+    cluster = LocalCluster(config=config, report=say, launcher_kind="cli")
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    cluster = LocalCluster(config=config, report=say, launcher_kind="cli")
     try:
         cluster.start()
     except KeyboardInterrupt:
