@@ -1,0 +1,201 @@
+"""The transformers engine: left-padded batches decoded step by step with a KV cache, continuously batched.
+
+Between decode steps, requests the batcher admits are prefilled as their own left-padded batch and merged into
+the running one; finished or cancelled rows leave it at once. Each row keeps its own sampling parameters, stop
+rules and detokeniser, so a row's tokens do not depend on which other rows share its batch (fp32: exactly).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.engines.base import EngineInfo, EngineRequest, PromptTooLongError, TokenEvent
+from workers.engines.hf_batch import DecodeBatch, cache_is_mergeable
+from workers.engines.hf_sampling import RowSampler, choose_tokens
+from workers.engines.hf_sequence import IncrementalDetokenizer, SequenceState
+
+DEFAULT_MAX_NUM_SEQS = 256  # rows decoded together at most; the batcher's own limit usually binds first
+# how config.json files spell the context length
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def torch_threads() -> int:
+    """Intra-op threads for CPU inference: IB_TORCH_THREADS if set, else 1 (measured fastest under load)."""
+    return max(1, int(os.environ.get("IB_TORCH_THREADS", "1")))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def context_length_from_config(model_path: str) -> int | None:
+    """The model's context length read from config.json, without importing transformers."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)  # multimodal configs nest the language model's settings
+    return next((int(config[k]) for k in CONTEXT_KEYS if isinstance(config.get(k), int)), None)
+
+
+class HFEngine:
+    """Engine protocol implementation over `AutoModelForCausalLM` (see workers/engines/base.py)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        served_model_name: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+    ) -> None:
+        self.model_path = model_path
+        self.served_model_name = served_model_name or model_path
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len or context_length_from_config(model_path) or 2048
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._decode: Callable[[Sequence[int]], str] = lambda ids: ""
+        self._eos_ids: frozenset[int] = frozenset()
+        self._pad_id = 0
+        self._start_id = 0  # fed in place of an empty prompt
+        self._vocab_size = 0  # rows of the output layer (may exceed the tokenizer's vocabulary)
+        self._mergeable = True  # False for sliding-window caches: no joins, no trimming of padding
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo("hf", self.served_model_name, str(self.device), self.max_model_len)
+
+    def load(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if self.device.type == "cpu":
+            torch.set_num_threads(torch_threads())
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype)
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
+        tok, gen = self.tokenizer, self.model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else tok.eos_token_id
+        self._eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        pad_candidates = (tok.pad_token_id, gen.pad_token_id, tok.eos_token_id, 0)
+        self._pad_id = next(i for i in pad_candidates if i is not None)
+        self._start_id = next(i for i in (tok.bos_token_id, tok.eos_token_id, self._pad_id) if i is not None)
+        self._vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self._mergeable = cache_is_mergeable(self.model)
+        backend = getattr(tok, "backend_tokenizer", None)  # the Rust tokenizer: ~10x less overhead per call
+        if backend is not None:
+            self._decode = lambda ids: str(backend.decode(list(ids), skip_special_tokens=True))
+        else:
+            self._decode = lambda ids: str(tok.decode(list(ids), skip_special_tokens=True))
+        self._warm_up()
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            tok = self.tokenizer
+            return str(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        # no template: a plain transcript the model can continue
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+    def prepare(self, request: EngineRequest) -> None:
+        tok = self.tokenizer
+        # a prompt that already starts with BOS (chat templates add it) must not get a second one
+        has_bos = bool(tok.bos_token) and request.prompt.startswith(tok.bos_token)
+        ids = tok.encode(request.prompt, add_special_tokens=not has_bos) if request.prompt else []
+        ids = ids or [self._start_id]
+        total = len(ids) + request.params.max_new_tokens
+        if total > self.max_model_len:
+            raise PromptTooLongError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {total} were "
+                f"requested ({len(ids)} in the prompt, {request.params.max_new_tokens} to generate)"
+            )
+        request.prompt_token_ids = ids
+
+    def generate(
+        self,
+        batch: list[EngineRequest],
+        is_cancelled: Callable[[str], bool],
+        admit: Callable[[int], list[EngineRequest]],
+    ) -> Iterator[list[TokenEvent]]:
+        running: DecodeBatch | None = None
+        waiting = list(batch)
+        while True:
+            waiting = [r for r in waiting if not is_cancelled(r.request_id)]
+            if waiting:
+                joined, events = self._prefill(waiting)
+                if events:
+                    yield events
+                if joined is not None:
+                    if running is None or not len(running):
+                        running = joined
+                    else:
+                        running.merge(joined)
+            if running is not None:
+                live = [i for i, s in enumerate(running.seqs) if not is_cancelled(s.request_id)]
+                running.keep(live, trim=self._mergeable)
+                if len(running):
+                    yield self._decode_step(running)
+            busy = running is not None and len(running) > 0
+            room = self.max_num_seqs - (len(running) if running is not None else 0)
+            # a sliding-window cache cannot take new rows: they wait until the running ones are done
+            waiting = admit(room) if room > 0 and (self._mergeable or not busy) else []
+            if not waiting and not busy:
+                return
+
+    @torch.inference_mode()
+    def _prefill(self, requests: list[EngineRequest]) -> tuple[DecodeBatch | None, list[TokenEvent]]:
+        """Prefill new requests; returns the rows still running (or None) and each request's first event."""
+        seqs = [self._new_sequence(r) for r in requests]
+        batch, logits = DecodeBatch.prefill(self.model, seqs, self._pad_id)
+        events = self._advance(batch, logits)
+        return (batch if len(batch) else None), events
+
+    @torch.inference_mode()
+    def _decode_step(self, batch: DecodeBatch) -> list[TokenEvent]:
+        return self._advance(batch, batch.decode(self.model))
+
+    def _advance(self, batch: DecodeBatch, logits: torch.Tensor) -> list[TokenEvent]:
+        """Choose each row's next token from logits [B, V], record it, and drop rows that finished."""
+        tokens = choose_tokens(logits, [s.sampler for s in batch.seqs])
+        events = [seq.append(token) for seq, token in zip(batch.seqs, tokens, strict=True)]
+        batch.set_next_tokens(tokens)
+        batch.keep([i for i, e in enumerate(events) if not e.finished], trim=self._mergeable)
+        return events
+
+    def _new_sequence(self, request: EngineRequest) -> SequenceState:
+        if not request.prompt_token_ids:
+            self.prepare(request)
+        return SequenceState(
+            request=request,
+            sampler=RowSampler(request.params, request.prompt_token_ids, self._vocab_size, self.device),
+            detokenizer=IncrementalDetokenizer.after_prompt(self._decode, request.prompt_token_ids),
+            eos_ids=self._eos_ids,
+            max_total_tokens=self.max_model_len,
+        )
+
+    def _warm_up(self) -> None:
+        """One tiny prefill and decode step, so the first request does not pay for lazy initialisation."""
+        from workers.engines.base import SamplingParams
+
+        request = EngineRequest("warm-up", "", SamplingParams(max_new_tokens=2, ignore_eos=True))
+        for _ in self.generate([request], lambda _: False, lambda _: []):
+            pass
