@@ -45,7 +45,10 @@ launcher_pid=$!
 trap 'log "signalled: the launcher stops its workers"' TERM INT
 status=0
 wait "$launcher_pid" || status=$?
-# After a trapped signal `wait` returns early: wait again for the launcher to finish stopping its workers.
-if kill -0 "$launcher_pid" 2>/dev/null; then wait "$launcher_pid" || status=$?; fi
+if [ "$status" -gt 128 ]; then
+    # A trapped signal ended `wait` early: wait again for the launcher to finish stopping its workers.
+    status=0
+    wait "$launcher_pid" || status=$?
+fi
 log "launcher exited with $status"
 exit "$status"

@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     job_dir = cfg.output_path / job_id
-    print(f"submitted job {job_id}: {cfg.node_count} node(s) x {cfg.workers_per_node} worker(s); "
-          f"output {cfg.output_path}/slurm-{job_id}.out, files in {job_dir}")
+    print(f"submitted job {job_id} ({cfg.node_count} node(s) x {cfg.workers_per_node} worker(s))", flush=True)
+    print(f"output {cfg.output_path}/slurm-{job_id}.out, files in {job_dir}", flush=True)
     if not cfg.wait:
         print(f"when it runs: python -m slurm.connection show {job_dir}   (or rerun with --wait)")
         return 0
