@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,3 +51,26 @@ def tiny_model_dir() -> Path:
 
 
 __all__ = ["SpawnFn", "free_port", "python_module"]
+
+
+@pytest.fixture
+def launch(spawn: SpawnFn, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start `python -m scripts.launch ARGS` with its own run/log dirs; teardown runs scripts.stop on each."""
+    import subprocess
+
+    from tests.launch_support import Launched
+
+    runs: list[Path] = []
+
+    def _launch(*args: str, env: dict[str, str] | None = None) -> Launched:
+        run_dir, log_dir = tmp_path / f"run-{len(runs)}", tmp_path / f"logs-{len(runs)}"
+        runs.append(run_dir)
+        argv = python_module("scripts.launch", "--run-dir", str(run_dir), "--log-dir", str(log_dir), *args)
+        proc = spawn(argv, name=f"launcher-{len(runs)}", env=env)
+        return Launched(proc, run_dir, log_dir)
+
+    yield _launch
+    for run_dir in runs:  # before `spawn` kills the launcher's group: let it stop its workers' groups first
+        if any(run_dir.glob("cluster.json*")):
+            stop = python_module("scripts.stop", "--run-dir", str(run_dir), "--launcher-timeout", "60")
+            subprocess.run(stop, env=test_env(), timeout=180, check=False)
