@@ -1,0 +1,171 @@
+"""`python -m bench.overhead`: what the balancer adds over going straight to a worker (fake engine, no delay).
+
+One fake worker with no simulated latency; `wrk` (C, one thread) loads either the worker directly or a
+balancer in front of it, with the same POST body. Reported: latency p50/p99 at concurrency 1 and 64 and the
+balancer's added latency, req/s at 64, SSE chunks/s at 64 (each streamed response has a fixed number of
+events, counted once), and the balancer's CPU per request. Ratios are to direct, within one run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.cluster import ClusterSpec, LocalCluster, Process, WorkerSpec, start_balancer
+from bench.results import command_line, markdown_table, write_section
+from bench.wrk import WrkResult, ensure_wrk, run_wrk
+from lb.settings import ConfigError, load_config, setting
+
+
+@dataclass(frozen=True)
+class OverheadConfig:
+    duration: float = setting(10.0, "seconds per wrk run")
+    warmup: float = setting(2.0, "seconds of unmeasured load before each run")
+    high_concurrency: int = setting(64, "connections for the throughput runs")
+    max_tokens: int = setting(8, "tokens per non-streamed request (small: the worker's own cost stays low)")
+    stream_tokens: int = setting(128, "tokens per streamed request (one SSE event each)")
+    worker_batch_size: int = setting(64, "the fake worker's batch size")
+    threads: int = setting(1, "wrk threads (one keeps wrk to one of the two cores)")
+    results: bool = setting(True, "write the table to bench/RESULTS.md")
+    json: str | None = setting(None, "write every run to this JSON file")
+
+    def __post_init__(self) -> None:
+        if self.duration <= 0 or self.warmup < 0 or self.high_concurrency < 1 or self.threads < 1:
+            raise ConfigError("duration, high_concurrency and threads must be positive, warmup >= 0")
+
+
+@dataclass
+class Run:
+    target: str  # "direct" or "balancer"
+    scenario: str  # e.g. "c1", "c64", "c64-stream"
+    connections: int
+    result: WrkResult
+    lb_cpu_s: float | None  # balancer CPU seconds during the run
+    worker_cpu_s: float  # worker CPU seconds during the run
+
+
+def body(tokens: int, stream: bool) -> bytes:
+    payload: dict[str, Any] = {"model": "fake-model", "prompt": "hello world", "max_tokens": tokens,
+                               "ignore_eos": True, "stream": stream}
+    return json.dumps(payload).encode()
+
+
+def sse_events(url: str, data: bytes) -> int:
+    """How many `data:` events one streamed response holds (including the final [DONE])."""
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        return sum(1 for line in resp.read().splitlines() if line.startswith(b"data:"))
+
+
+def cpu_seconds(proc: Process | None) -> float:
+    if proc is None:
+        return 0.0
+    times = psutil.Process(proc.pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def measure(config: OverheadConfig, cluster: LocalCluster, lb: Process) -> tuple[list[Run], int]:
+    worker = cluster.workers[0]
+    targets = {"direct": (cluster.worker_urls[0], None), "balancer": (cluster.lb_url, lb)}
+    scenarios = [
+        ("c1", 1, body(config.max_tokens, False)),
+        (f"c{config.high_concurrency}", config.high_concurrency, body(config.max_tokens, False)),
+        (f"c{config.high_concurrency}-stream", config.high_concurrency, body(config.stream_tokens, True)),
+    ]
+    events = sse_events(cluster.worker_urls[0] + "/v1/completions", body(config.stream_tokens, True))
+    via_lb = sse_events(cluster.lb_url + "/v1/completions", body(config.stream_tokens, True))
+    if via_lb != events:
+        raise RuntimeError(f"the balancer changed the stream: {via_lb} events vs {events} direct")
+    runs: list[Run] = []
+    for scenario, connections, data in scenarios:
+        for target, (base, proc) in targets.items():  # direct then balancer, back to back
+            url = base + "/v1/completions"
+            if config.warmup:
+                run_wrk(url, data, connections, config.warmup, config.threads)
+            lb0, w0 = cpu_seconds(proc), cpu_seconds(worker)
+            result = run_wrk(url, data, connections, config.duration, config.threads)
+            lb_cpu = cpu_seconds(proc) - lb0 if proc else None
+            runs.append(Run(target, scenario, connections, result, lb_cpu, cpu_seconds(worker) - w0))
+            print(f"  {scenario:<12} {target:<9} {result.requests_per_s:9.0f} req/s  "
+                  f"p50 {result.p50_ms:.3f} ms  p99 {result.p99_ms:.3f} ms  errors {result.errors}",
+                  file=sys.stderr, flush=True)
+    return runs, events
+
+
+def table(config: OverheadConfig, runs: Sequence[Run], events: int) -> str:
+    def get(target: str, scenario: str) -> Run:
+        return next(r for r in runs if r.target == target and r.scenario == scenario)
+
+    hi = f"c{config.high_concurrency}"
+    rows: list[list[object]] = []
+    for scenario, label in (("c1", "concurrency 1"), (hi, f"concurrency {config.high_concurrency}")):
+        d, b = get("direct", scenario).result, get("balancer", scenario).result
+        rows.append([f"latency p50, {label} (ms)", d.p50_ms, b.p50_ms, f"+{b.p50_ms - d.p50_ms:.3f} ms"])
+        rows.append([f"latency p99, {label} (ms)", d.p99_ms, b.p99_ms, f"+{b.p99_ms - d.p99_ms:.3f} ms"])
+    d, b = get("direct", hi).result, get("balancer", hi).result
+    rows.append([f"req/s, concurrency {config.high_concurrency}", round(d.requests_per_s),
+                 round(b.requests_per_s), f"{b.requests_per_s / d.requests_per_s:.2f}x"])
+    ds, bs = get("direct", hi + "-stream").result, get("balancer", hi + "-stream").result
+    rows.append([f"SSE events/s, concurrency {config.high_concurrency}", round(ds.requests_per_s * events),
+                 round(bs.requests_per_s * events), f"{bs.requests_per_s / ds.requests_per_s:.2f}x"])
+    for scenario in ("c1", hi, hi + "-stream"):
+        run = get("balancer", scenario)
+        if run.lb_cpu_s is not None and run.result.requests:
+            rows.append([f"balancer CPU per request, {scenario} (us)", "-",
+                         round(run.lb_cpu_s / run.result.requests * 1e6), ""])
+    errors = sum(r.result.errors for r in runs)
+    text = markdown_table(["figure", "direct", "via balancer", "added / ratio"], rows)
+    return text + f"\n\nwrk errors (connect, read, write, non-2xx, timeout) over all runs: {errors}."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = load_config(
+            OverheadConfig, argv, prog="python -m bench.overhead", description=__doc__ or "",
+            env_prefix="IB_OVERHEAD_",
+        )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ensure_wrk()
+    log_dir = Path(tempfile.mkdtemp(prefix="ib-overhead-"))
+    spec = ClusterSpec(
+        workers=(WorkerSpec(batch_size=config.worker_batch_size, extra_args=("--max-wait-time", "0")),),
+        with_balancer=False, log_dir=log_dir,
+    )
+    with LocalCluster(spec) as cluster:
+        lb, cluster.lb_url = start_balancer(cluster.worker_urls, "round_robin", log_dir / "lb.log")
+        try:
+            time.sleep(0.5)
+            runs, events = measure(config, cluster, lb)
+        finally:
+            lb.stop()
+    text = table(config, runs, events)
+    print(text)
+    if config.json:
+        Path(config.json).write_text(json.dumps([asdict(r) for r in runs], indent=2) + "\n")
+    if config.results:
+        setup = (
+            f"One fake worker (no simulated latency, batch {config.worker_batch_size}, no batching wait); "
+            f"wrk with {config.threads} thread(s), {config.duration:g} s per run after {config.warmup:g} s "
+            "warm-up, "
+            f"direct and via the balancer back to back; non-streamed requests of {config.max_tokens} tokens, "
+            f"streamed ones of {config.stream_tokens} tokens ({events} SSE events each). wrk, balancer and "
+            "worker share the machine's cores, so the ratios include that contention."
+        )
+        write_section("overhead", "Balancer overhead (wrk)", f"{setup}\n\n{text}",
+                      command_line(argv, "bench.overhead"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
