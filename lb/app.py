@@ -22,6 +22,7 @@ from lb.model_routing import ModelRouter
 from lb.policies import POLICIES
 from lb.proxy import Proxy
 from lb.stats import backend_stats, health, stats
+from lb.upstream import UpstreamClient
 
 log = logging.getLogger("lb")
 
@@ -101,13 +102,16 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
     )
     app[HEALTH] = checker
     app[ADMIN] = Admin(app[POOL], checker, config.admin_token, config.drain_timeout)
-    app[PROXY] = Proxy(config, app[POOL], app[ADMISSION], app[ROUTER], checker, app[METRICS], session)
+    # no total timeout: a stream that keeps producing may run for hours; silence is what times out
+    client = UpstreamClient(connect_timeout=config.connect_timeout, read_timeout=config.request_timeout)
+    app[PROXY] = Proxy(config, app[POOL], app[ADMISSION], app[ROUTER], checker, app[METRICS], client)
     await checker.check_all()  # so workers that are already up take traffic from the first request
     task = asyncio.create_task(checker.run(), name="lb-health")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    client.close()
     await session.close()
 
 

@@ -7,6 +7,8 @@ from collections import deque
 from collections.abc import Callable
 from types import TracebackType
 
+from yarl import URL
+
 LATENCY_WINDOW = 256  # recent request latencies kept per backend for /stats' p50
 
 
@@ -14,28 +16,37 @@ class Backend:
     """One worker: URL, health state, exact in-flight count and counters. Mutated only on the event loop."""
 
     __slots__ = (
+        "base_path",
         "consecutive_failures",
         "consecutive_successes",
         "draining",
         "errors",
         "ever_healthy",
         "healthy",
+        "host",
         "in_flight",
         "index",
         "last_check",
         "last_progress",
         "latencies",
         "models",
+        "port",
         "removed",
         "requests_served",
         "reserved",
         "status_counts",
+        "tls",
         "url",
     )
 
     def __init__(self, index: int, url: str, models: frozenset[str] = frozenset()) -> None:
         self.index = index
         self.url = url
+        parsed = URL(url)
+        self.host = parsed.host or "127.0.0.1"
+        self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        self.tls = parsed.scheme == "https"
+        self.base_path = parsed.raw_path.rstrip("/")  # a worker mounted under a prefix: prepended to paths
         self.healthy = False  # until the first good probe
         self.ever_healthy = False  # once dropped, a backend needs --healthy-threshold good probes to return
         self.draining = False  # admin removal in progress: no new requests

@@ -86,6 +86,14 @@ class UpstreamFailed(BalancerError):
     code = "bad_gateway"
 
 
+class GatewayTimeout(BalancerError):
+    """The worker accepted the request but sent no response within --request-timeout."""
+
+    status = 504
+    type = "upstream_error"
+    code = "gateway_timeout"
+
+
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
 

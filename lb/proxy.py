@@ -17,16 +17,24 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from lb.admission import Admission
 from lb.auth import check_bearer
 from lb.backends import Backend, BackendPool
 from lb.config import BalancerConfig
-from lb.errors import BadRequest, BalancerError, BodyTooLarge, UpstreamFailed, error_response, sse_error_event
+from lb.errors import (
+    BadRequest,
+    BalancerError,
+    BodyTooLarge,
+    GatewayTimeout,
+    UpstreamFailed,
+    error_response,
+    sse_error_event,
+)
 from lb.health import HealthChecker
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
+from lb.upstream import UpstreamClient, UpstreamError, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger("lb.proxy")
 
@@ -61,7 +69,6 @@ RESPONSE_DROP = frozenset(
         "server",
     }
 )
-TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionResetError)
 
 
 class _Retry:
@@ -82,21 +89,17 @@ class Proxy:
         router: ModelRouter,
         health: HealthChecker,
         metrics: Metrics,
-        session: aiohttp.ClientSession,
+        client: UpstreamClient,
     ) -> None:
         self._pool = pool
         self._admission = admission
         self._router = router
         self._health = health
         self._metrics = metrics
-        self._session = session
+        self._client = client
         self._keys = config.api_keys()
         self._max_body = config.max_body_size
         self._max_retries = config.max_retries
-        # no total timeout: a stream that keeps producing may run for hours; silence is what times out
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=config.connect_timeout, sock_read=config.request_timeout
-        )
         self.total_requests = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -169,75 +172,77 @@ class Proxy:
         can_retry: bool,
         started: float,
     ) -> web.StreamResponse | _Retry:
-        sent_at = time.perf_counter()
-        self._metrics.overhead.observe(sent_at - started)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in REQUEST_DROP}
-        if self._keys:
-            headers.pop("Authorization", None)  # the client's key is for the balancer, not the worker
-        url = URL(backend.url + request.raw_path, encoded=True)
+        self._metrics.overhead.observe(time.perf_counter() - started)
+        drop_auth = bool(self._keys)  # the client's key is for the balancer, not for the worker
+        headers = [
+            (k, v)
+            for k, v in request.headers.items()
+            if k.lower() not in REQUEST_DROP and not (drop_auth and k.lower() == "authorization")
+        ]
         try:
-            upstream = await self._session.request(
+            upstream = await self._client.request(
+                backend.host,
+                backend.port,
+                backend.tls,
                 request.method,
-                url,
-                data=body,
-                headers=headers,
-                timeout=self._timeout,
-                allow_redirects=False,
-                compress=None,
+                backend.base_path + request.raw_path,
+                headers,
+                body,
             )
-        except TRANSPORT_ERRORS as exc:
-            # refused or reset: nothing was processed, so it is safe to retry and to stop routing there
+        except UpstreamError as exc:
             backend.errors += 1
-            self._health.mark_down(backend, f"{exc.__class__.__name__}: {exc}")
+            if isinstance(exc, UpstreamTimeout) and not exc.connect:
+                raise GatewayTimeout(
+                    f"Worker {backend.index} sent no response within the read timeout."
+                ) from None
+            # refused, reset or unreachable before any response byte: stop routing there, try elsewhere
+            self._health.mark_down(backend, str(exc))
             if can_retry:
-                return _Retry(f"connection failed ({exc.__class__.__name__})")
-            raise UpstreamFailed(f"Worker {backend.index} failed: {exc.__class__.__name__}.") from None
-        except TimeoutError:
-            backend.errors += 1
-            if can_retry and time.perf_counter() - sent_at < self._timeout.connect + 0.5:  # type: ignore[operator]
-                return _Retry("connect timeout")
-            raise UpstreamFailed(f"Worker {backend.index} did not answer in time.") from None
-        return await self._relay(request, backend, upstream, retries, can_retry, started)
+                return _Retry(str(exc))
+            raise UpstreamFailed(f"Worker {backend.index} failed: {exc}") from None
+        try:
+            return await self._relay(request, backend, upstream, retries, can_retry, started)
+        finally:
+            upstream.release()  # back to the pool if read to the end, else closed (the worker stops)
 
     async def _relay(
         self,
         request: web.Request,
         backend: Backend,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         retries: int,
         can_retry: bool,
         started: float,
     ) -> web.StreamResponse | _Retry:
         status = upstream.status
         if status in RETRY_STATUSES and can_retry:
-            upstream.release()
             backend.errors += status != 429
             return _Retry(f"answered {status}")
         ttfb = time.perf_counter()
-        headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in RESPONSE_DROP)
+        headers = CIMultiDict((k, v) for k, v in upstream.headers if k.lower() not in RESPONSE_DROP)
         headers["X-LB-Worker"] = str(backend.index)
         headers["X-LB-Retries"] = str(retries)
         length = upstream.content_length
-        is_sse = upstream.content_type == "text/event-stream"
-        try:
-            if length is not None and length <= BUFFER_LIMIT and not is_sse:
-                data = await upstream.read()  # the worker already produced it whole; one write is cheapest
-                backend.last_progress = time.monotonic()
-                self._account(backend, status, started, ttfb)
-                return web.Response(status=status, body=data, headers=headers)
-            return await self._stream(request, backend, upstream, headers, is_sse, started, ttfb)
-        except TRANSPORT_ERRORS as exc:
-            backend.errors += 1
-            self._health.mark_down(backend, f"{exc.__class__.__name__} while reading the response")
-            raise UpstreamFailed(f"Worker {backend.index} failed mid-response.") from None
-        finally:
-            upstream.close() if not upstream.closed and not upstream.content.is_eof() else upstream.release()
+        is_sse = upstream.content_type.startswith("text/event-stream")
+        if length is not None and length <= BUFFER_LIMIT and not is_sse:
+            try:
+                data = (
+                    await upstream.read()
+                )  # the worker produced it whole; one write to the client is cheapest
+            except UpstreamError as exc:
+                backend.errors += 1
+                self._health.mark_down(backend, f"{exc} (while reading the response)")
+                raise UpstreamFailed(f"Worker {backend.index} failed mid-response.") from None
+            backend.last_progress = time.monotonic()
+            self._account(backend, status, started, ttfb)
+            return web.Response(status=status, body=data, headers=headers)
+        return await self._stream(request, backend, upstream, headers, is_sse, started, ttfb)
 
     async def _stream(
         self,
         request: web.Request,
         backend: Backend,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         headers: CIMultiDict[str],
         is_sse: bool,
         started: float,
@@ -246,32 +251,25 @@ class Proxy:
         out = web.StreamResponse(status=upstream.status, headers=headers)
         await out.prepare(request)
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.chunks():
                 backend.last_progress = time.monotonic()
                 try:
                     await out.write(chunk)
                 except ConnectionError:
-                    # the client left between two chunks; closing upstream (in _relay) stops the worker
+                    # the client left between two chunks; release() closes upstream, so the worker stops
                     self._metrics.client_gone(backend)
                     return out
-        except (
-            aiohttp.ClientPayloadError,
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientOSError,
-            TimeoutError,
-        ) as exc:
+        except UpstreamError as exc:
             # the worker failed after bytes were sent: end the stream visibly instead of hanging or truncating
             backend.errors += 1
             self._metrics.stream_failed(backend)
-            if not isinstance(exc, TimeoutError):
-                self._health.mark_down(backend, f"{exc.__class__.__name__} mid-stream")
-            if is_sse:
-                await out.write(
-                    sse_error_event(f"Worker {backend.index} failed mid-stream: {exc.__class__.__name__}.")
-                )
-                await out.write_eof()
-                return out
-            raise  # not SSE: abort the connection so the client sees a truncated body
+            if not isinstance(exc, UpstreamTimeout):
+                self._health.mark_down(backend, f"{exc} (mid-stream)")
+            if not is_sse:
+                raise  # abort the connection so the client sees a truncated body
+            await out.write(sse_error_event(f"Worker {backend.index} failed mid-stream: {exc}"))
+            await out.write_eof()
+            return out
         await out.write_eof()
         self._account(backend, upstream.status, started, ttfb)
         return out

@@ -22,6 +22,16 @@ Balancer = Callable[..., Awaitable[str]]
 CHAT = "/v1/chat/completions"
 
 
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Every proxy test runs on both loops: the balancer ships on uvloop, whose transports differ."""
+    if request.param == "uvloop":
+        import uvloop
+
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
+
+
 @pytest_asyncio.fixture(loop_scope="function")
 async def upstreams() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
     started: list[Upstream] = []
