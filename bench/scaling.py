@@ -90,6 +90,7 @@ class Point:
     tokens_per_s: float  # output tokens/s completed inside the measured window
     requests_per_s: float
     latency_ms_p50: float | None
+    requests: int  # sent during the whole run (warm-up and tail included)
     errors: int
     per_worker: list[int]  # requests served per worker during the whole run (balancer /stats)
     lb_cpu_percent: float  # of one core, over the run
@@ -138,8 +139,8 @@ async def measure_point(config: ScalingConfig, lb_url: str, n: int, policy: str,
     per_worker = [w.requests for w in distribution(before, after).workers] if before and after else []
     return Point(
         workers=n, policy=policy, concurrency=concurrency, tokens_per_s=tokens_s, requests_per_s=requests_s,
-        latency_ms_p50=run.summary.latency_ms_p50, errors=run.summary.errors, per_worker=per_worker,
-        lb_cpu_percent=lb_cpu, machine_cpu_percent=machine_cpu,
+        latency_ms_p50=run.summary.latency_ms_p50, requests=run.summary.requests, errors=run.summary.errors,
+        per_worker=per_worker, lb_cpu_percent=lb_cpu, machine_cpu_percent=machine_cpu,
     )
 
 
