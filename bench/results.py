@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import shlex
+import subprocess
 import sys
 import tempfile
 import zlib
@@ -22,7 +23,8 @@ from pathlib import Path
 import psutil
 
 BENCH_DIR = Path(__file__).resolve().parent
-RESULTS_PATH = BENCH_DIR / "RESULTS.md"
+# IB_BENCH_RESULTS points a run from another copy of the code (e.g. an exported commit) at the real file.
+RESULTS_PATH = Path(os.environ.get("IB_BENCH_RESULTS") or BENCH_DIR / "RESULTS.md")
 _HEADER = (
     "# Benchmark results\n\n"
     "Each section is written by its benchmark (`bench/results.py`), which replaces only its own section.\n"
@@ -57,11 +59,27 @@ def command_line(argv: Sequence[str] | None = None, module: str | None = None) -
     return " ".join([head, *map(shlex.quote, args)]).strip()
 
 
+def code_revision() -> str | None:
+    """The commit benchmarked (IB_BENCH_REVISION, else `git rev-parse`), marked when the tree is dirty."""
+    if os.environ.get("IB_BENCH_REVISION"):
+        return os.environ["IB_BENCH_REVISION"]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=BENCH_DIR,
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{rev} (with uncommitted changes)" if dirty else rev
+
+
 def render_section(name: str, title: str, body: str, command: str, machine: str | None = None) -> str:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    revision = code_revision()
+    code = f"- code: {revision}\n" if revision else ""
     return (
         f"<!-- bench:{name} -->\n## {title}\n\n"
-        f"- date: {stamp}\n- machine: {machine or machine_line()}\n- command: `{command}`\n\n"
+        f"- date: {stamp}\n- machine: {machine or machine_line()}\n{code}- command: `{command}`\n\n"
         f"{body.strip()}\n<!-- /bench:{name} -->\n"
     )
 

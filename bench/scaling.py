@@ -27,7 +27,7 @@ from bench.client import LoadRun, LoadSpec, run_load
 from bench.cluster import ClusterSpec, LocalCluster, WorkerSpec, start_balancer
 from bench.distribution import distribution, fetch_stats
 from bench.plots import plot_lines
-from bench.results import BENCH_DIR, command_line, markdown_table, write_section
+from bench.results import RESULTS_PATH, command_line, markdown_table, write_section
 from lb.settings import ConfigError, load_config, setting
 
 
@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload: dict[str, Any] = {"config": asdict(config), "points": [asdict(p) for p in points]}
         Path(config.json).write_text(json.dumps(payload, indent=2) + "\n")
     if config.results:
-        plot_path = BENCH_DIR / f"{name}.png"
+        plot_path = RESULTS_PATH.parent / f"{name}.png"
         counts = config.counts
         series = {
             policy: ([p.workers for p in points if p.policy == policy],
