@@ -48,6 +48,9 @@ class WorkerConfig:
         30.0, "seconds after SIGTERM that running requests may take to finish before they are cut off"
     )
     log_level: str = setting("info", "logging level", choices=LOG_LEVELS)
+    fake_load_latency: float = setting(
+        0.0, "fake engine: seconds its load() takes (to exercise the 503 'loading' state)"
+    )
     fake_prefill_latency: float = setting(
         0.0, "fake engine: seconds charged once per batch (and per admitted group) for the prefill"
     )
@@ -69,8 +72,8 @@ class WorkerConfig:
             raise ConfigError(f"max_queue: must be at least 1, got {self.max_queue}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len: must be at least 2, got {self.max_model_len}")
-        for name in ("max_wait_time", "drain_timeout", "fake_prefill_latency", "fake_step_latency",
-                     "fake_per_seq_latency"):
+        for name in ("max_wait_time", "drain_timeout", "fake_load_latency", "fake_prefill_latency",
+                     "fake_step_latency", "fake_per_seq_latency"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
 

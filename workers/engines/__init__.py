@@ -21,6 +21,7 @@ def _build_fake(config: WorkerConfig) -> Engine:
         served_model_name=config.model_name,
         max_model_len=config.max_model_len or DEFAULT_MAX_MODEL_LEN,
         max_num_seqs=config.batch_size,
+        load_latency=config.fake_load_latency,
         prefill_latency=config.fake_prefill_latency,
         step_latency=config.fake_step_latency,
         per_seq_latency=config.fake_per_seq_latency,

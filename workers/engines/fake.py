@@ -77,6 +77,7 @@ class FakeEngine:
     served_model_name: str = "fake-model"
     max_model_len: int = DEFAULT_MAX_MODEL_LEN
     max_num_seqs: int = 8  # how many sequences it lets `admit` top the running batch up to
+    load_latency: float = 0.0
     prefill_latency: float = 0.0
     step_latency: float = 0.0
     per_seq_latency: float = 0.0
@@ -87,7 +88,8 @@ class FakeEngine:
         return EngineInfo("fake", self.served_model_name, "cpu", self.max_model_len)
 
     def load(self) -> None:
-        """Nothing to load."""
+        """Nothing to load; waits `load_latency` to imitate loading weights."""
+        self._wait(self.load_latency)
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         lines = [f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages]

@@ -1,0 +1,230 @@
+"""DynamicBatcher with the fake engine, in process: batch formation, admit, cancellation, errors, queue limits."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from workers.batcher import DynamicBatcher
+from workers.engines.base import EngineRequest, PromptTooLongError, SamplingParams, TokenEvent
+from workers.engines.fake import FakeEngine
+from workers.errors import EngineFailed, QueueFull
+from workers.metrics import WorkerMetrics
+
+
+@dataclass
+class RecordingEngine(FakeEngine):
+    """The fake engine, noting each batch it was given, what it admitted and which threads ran it."""
+
+    batches: list[list[str]] = field(default_factory=list)
+    admitted: list[str] = field(default_factory=list)
+    threads: set[str] = field(default_factory=set)
+    fail_after_steps: int | None = None  # raise RuntimeError after this many steps of a batch
+
+    def prepare(self, request: EngineRequest) -> None:
+        self.threads.add("prepare:" + threading.current_thread().name)
+        super().prepare(request)
+
+    def generate(
+        self,
+        batch: list[EngineRequest],
+        is_cancelled: Callable[[str], bool],
+        admit: Callable[[int], list[EngineRequest]],
+    ) -> Iterator[list[TokenEvent]]:
+        self.threads.add("generate:" + threading.current_thread().name)
+        self.batches.append([r.request_id for r in batch])
+
+        def recording_admit(n: int) -> list[EngineRequest]:
+            joined = admit(n)
+            self.admitted.extend(r.request_id for r in joined)
+            return joined
+
+        for step, events in enumerate(super().generate(batch, is_cancelled, recording_admit), start=1):
+            yield events
+            if self.fail_after_steps is not None and step >= self.fail_after_steps:
+                raise RuntimeError("boom")
+
+
+def request(rid: str, max_new_tokens: int = 4, prompt: str = "hello there") -> EngineRequest:
+    return EngineRequest(rid, prompt, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                                                     ignore_eos=True))
+
+
+async def collect(batcher: DynamicBatcher, *requests: EngineRequest) -> list[TokenEvent]:
+    async with batcher.submit(list(requests)) as submission:
+        return [event async for event in submission.events()]
+
+
+@pytest.fixture
+def make_batcher() -> Iterator[Callable[..., DynamicBatcher]]:
+    made: list[DynamicBatcher] = []
+
+    def _make(engine: FakeEngine, *, batch_size: int = 4, max_wait_time: float = 0.0, max_queue: int = 64,
+              metrics: WorkerMetrics | None = None) -> DynamicBatcher:
+        batcher = DynamicBatcher(engine, batch_size=batch_size, max_wait_time=max_wait_time,
+                                 max_queue=max_queue, metrics=metrics)
+        made.append(batcher)
+        return batcher
+
+    yield _make
+    for batcher in made:
+        batcher.accepting = False
+
+
+@pytest.fixture
+async def closing() -> AsyncIterator[list[DynamicBatcher]]:
+    started: list[DynamicBatcher] = []
+    yield started
+    for batcher in started:
+        await batcher.close()
+
+
+async def start(batcher: DynamicBatcher, closing: list[DynamicBatcher]) -> DynamicBatcher:
+    await batcher.start()
+    closing.append(batcher)
+    return batcher
+
+
+async def test_concurrent_requests_form_batches_up_to_batch_size(make_batcher, closing) -> None:
+    engine = RecordingEngine(max_num_seqs=0)  # never admits: every request goes through batch formation
+    batcher = await start(make_batcher(engine, batch_size=4, max_wait_time=0.5), closing)
+    results = await asyncio.gather(*(collect(batcher, request(f"r{i}")) for i in range(10)))
+    assert sorted(len(b) for b in engine.batches) == [2, 4, 4]
+    for events in results:
+        assert sum(e.num_tokens for e in events) == 4
+        assert events[-1].finish_reason == "length"
+
+
+async def test_lone_request_starts_after_max_wait_time(make_batcher, closing) -> None:
+    engine = RecordingEngine()
+    batcher = await start(make_batcher(engine, batch_size=8, max_wait_time=0.05), closing)
+    events = await asyncio.wait_for(collect(batcher, request("only")), timeout=5)
+    assert engine.batches == [["only"]]
+    assert events[-1].finished
+
+
+async def test_engine_and_tokeniser_run_off_the_event_loop(make_batcher, closing) -> None:
+    engine = RecordingEngine()
+    batcher = await start(make_batcher(engine), closing)
+    await collect(batcher, request("a"))
+    # ThreadPoolExecutor names its threads "<prefix>_<n>"; the loop runs on MainThread
+    assert engine.threads == {"prepare:prepare_0", "generate:engine"}
+
+
+async def test_queued_requests_are_admitted_into_a_running_batch(make_batcher, closing) -> None:
+    engine = RecordingEngine(step_latency=0.01, max_num_seqs=4)
+    metrics = WorkerMetrics("fake-model")
+    batcher = await start(make_batcher(engine, batch_size=4, metrics=metrics), closing)
+    long_task = asyncio.create_task(collect(batcher, request("long", max_new_tokens=60)))
+    while not batcher.running:
+        await asyncio.sleep(0.005)
+    short = await asyncio.gather(*(collect(batcher, request(f"short{i}", 3)) for i in range(2)))
+    assert not long_task.done(), "short requests joined the running batch and finished first"
+    await long_task
+    assert engine.batches == [["long"]]
+    assert sorted(engine.admitted) == ["short0", "short1"]
+    assert all(sum(e.num_tokens for e in events) == 3 for events in short)
+    assert metrics.admitted.labels("fake-model")._value.get() == 2
+
+
+async def test_cancelled_running_request_leaves_the_batch_and_frees_its_slot(make_batcher, closing) -> None:
+    engine = RecordingEngine(step_latency=0.01)
+    batcher = await start(make_batcher(engine), closing)
+    async with batcher.submit([request("endless", max_new_tokens=3000)]) as submission:
+        async for _ in submission.events():
+            break
+        assert batcher.running == 1
+    assert batcher.running == 0  # leaving the block cancelled it
+    other = await asyncio.wait_for(collect(batcher, request("next", 2)), timeout=5)
+    assert other[-1].finished
+    assert batcher.is_idle
+
+
+async def test_cancelled_queued_request_leaves_the_queue(make_batcher, closing) -> None:
+    engine = RecordingEngine(step_latency=0.01, max_num_seqs=0)
+    batcher = await start(make_batcher(engine, batch_size=1), closing)
+    running = asyncio.create_task(collect(batcher, request("first", 50)))
+    while not batcher.running:
+        await asyncio.sleep(0.005)
+    async with batcher.submit([request("waiting")]):
+        assert batcher.queue_depth == 1
+    assert batcher.queue_depth == 0
+    await running
+    assert ["waiting"] not in engine.batches
+
+
+async def test_engine_exception_fails_every_request_of_its_batch_and_serving_continues(
+    make_batcher, closing
+) -> None:
+    engine = RecordingEngine(fail_after_steps=1, max_num_seqs=0)
+    batcher = await start(make_batcher(engine, batch_size=3, max_wait_time=0.5), closing)
+    results = await asyncio.gather(*(collect(batcher, request(f"r{i}")) for i in range(3)),
+                                   return_exceptions=True)
+    assert all(isinstance(r, EngineFailed) for r in results), results
+    engine.fail_after_steps = None
+    assert (await collect(batcher, request("after")))[-1].finished
+
+
+async def test_full_queue_refuses_before_any_work(make_batcher, closing) -> None:
+    engine = RecordingEngine(step_latency=0.01, max_num_seqs=0)
+    batcher = await start(make_batcher(engine, batch_size=1, max_queue=2), closing)
+    first = asyncio.create_task(collect(batcher, request("running", 100)))
+    while not batcher.running:
+        await asyncio.sleep(0.005)
+    waiting = [asyncio.create_task(collect(batcher, request(f"q{i}", 1))) for i in range(2)]
+    while batcher.queue_depth < 2:
+        await asyncio.sleep(0.005)
+    with pytest.raises(QueueFull):
+        await collect(batcher, request("one-too-many"))
+    assert batcher.queue_depth == 2
+    for task in [first, *waiting]:
+        task.cancel()
+    await asyncio.gather(first, *waiting, return_exceptions=True)
+
+
+async def test_prompt_too_long_is_refused_before_queueing(make_batcher, closing) -> None:
+    engine = RecordingEngine(max_model_len=16)
+    batcher = await start(make_batcher(engine), closing)
+    with pytest.raises(PromptTooLongError):
+        await collect(batcher, request("long", max_new_tokens=4, prompt="word " * 20))
+    with pytest.raises(PromptTooLongError):
+        await collect(batcher, request("too-many-new", max_new_tokens=15, prompt="two words"))
+    assert engine.batches == []
+    assert batcher.queue_depth == 0
+
+
+async def test_fill_context_generates_up_to_the_end_of_the_context(make_batcher, closing) -> None:
+    engine = RecordingEngine(max_model_len=12)
+    batcher = await start(make_batcher(engine), closing)
+    async with batcher.submit([request("fill", max_new_tokens=1, prompt="a b c d")], fill_context=True) as sub:
+        events = [e async for e in sub.events()]
+    assert sum(e.num_tokens for e in events) == 12 - 4
+    assert events[-1].finish_reason == "length"
+
+
+async def test_n_requests_of_one_submission_share_its_stream(make_batcher, closing) -> None:
+    engine = RecordingEngine()
+    batcher = await start(make_batcher(engine), closing)
+    events = await collect(batcher, request("a", 2), request("b", 5))
+    assert {e.request_id for e in events if e.finished} == {"a", "b"}
+    assert sum(e.num_tokens for e in events) == 7
+
+
+async def test_close_fails_queued_requests_and_stops_the_engine_thread(make_batcher) -> None:
+    engine = RecordingEngine(step_latency=0.01, max_num_seqs=0)
+    batcher = make_batcher(engine, batch_size=1)
+    await batcher.start()
+    running = asyncio.create_task(collect(batcher, request("running", 3000)))
+    queued = asyncio.create_task(collect(batcher, request("queued")))
+    while batcher.queue_depth < 1 or not batcher.running:
+        await asyncio.sleep(0.005)
+    await batcher.close()
+    assert batcher._thread is not None and not batcher._thread.is_alive()
+    with pytest.raises(Exception, match="shutting down"):
+        await queued
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
