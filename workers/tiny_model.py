@@ -7,7 +7,10 @@ parameters) that tests and demos serve; same seed and same Python stdlib give th
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sysconfig
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,6 +100,24 @@ def build(out_dir: Path, seed: int = 0, train_bytes: int = DEFAULT_TRAIN_BYTES) 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def ensure_cached(seed: int = 0, cache_dir: Path | None = None) -> Path:
+    """The model in the shared cache (IB_CACHE_DIR or ~/.cache/inference-balancer), built there if missing.
+
+    The same layout as the tests' `tiny_model_dir` fixture, so benchmarks and tests share one build.
+    """
+    cache = cache_dir or Path(os.environ.get("IB_CACHE_DIR", Path.home() / ".cache" / "inference-balancer"))
+    target = cache / f"tiny-model-v{BUILDER_VERSION}-seed{seed}"
+    if not (target / "config.json").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache, prefix="tiny-model-build-"))
+        build(staging, seed=seed)
+        try:
+            staging.rename(target)  # atomic: a concurrent reader never sees a half-written model
+        except OSError:  # someone else finished first
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def main(argv: list[str] | None = None) -> None:
