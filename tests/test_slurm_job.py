@@ -8,6 +8,10 @@ the balancer, and no process left after `scancel`.
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -53,9 +57,11 @@ class Job:
 
 def submit(cluster: SlurmCluster, out: Path, *args: str) -> Job:
     """Submit and wait for readiness like a user; fail with the job's logs if it does not come up."""
-    env = child_env(SLURM_CONF=str(cluster.conf), IB_PYTHON=sys.executable)
+    # sbatch exports this environment to the job; the balancer reads IB_LB_* settings from it
+    env = child_env(SLURM_CONF=str(cluster.conf), IB_PYTHON=sys.executable, IB_LB_HEALTH_CHECK_INTERVAL="1")
+    lb_port, base_port = _quiet_ports()
     cmd = ["bash", str(SUBMIT), "--output-dir", str(out), "--node-addr", "127.0.0.1",
-           "--port", str(free_port()), "--worker-base-port", str(free_port()), "--login-host", "127.0.0.1",
+           "--port", str(lb_port), "--worker-base-port", str(base_port), "--login-host", "127.0.0.1",
            "--wait", "--wait-timeout", "120", "--ready-timeout", "120", *args]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     first = result.stdout.split()
@@ -67,6 +73,32 @@ def submit(cluster: SlurmCluster, out: Path, *args: str) -> Job:
     connection = json.loads((job_dir / "connection.json").read_text())
     assert "ssh -N -L 8000:127.0.0.1:" in result.stdout and "from openai import OpenAI" in result.stdout
     return Job(job_id, job_dir, connection, (job_dir / "admin_token").read_text().strip())
+
+
+def _quiet_ports() -> tuple[int, int]:
+    """(balancer port, worker base port) below the kernel's ephemeral range, every port the job uses free.
+
+    Workers bind seconds after the launcher checked their port (the model loads first); in the ephemeral
+    range a client socket of a concurrent test could take it meanwhile, so the job's ports come from below.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        lb_port = random.randrange(20000, low - 200)
+        base = lb_port + 1
+        # two nodes with up to four workers each: node k starts at base + 100*k
+        wanted = [lb_port, *range(base, base + 4), *range(base + 100, base + 104)]
+        if all(_port_is_free(port) for port in wanted):
+            return lb_port, base
+    raise RuntimeError("no free block of ports below the ephemeral range")
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _job_logs(out: Path, job_id: str) -> str:
@@ -148,6 +180,22 @@ def test_two_node_job_puts_workers_on_both_nodes(slurm: SlurmCluster, tmp_path: 
     assert nodes_ran == ["node-0", "node-1"]
     devices = sorted(_get_json(f"{w['url']}/health")["cuda_visible_devices"] for w in stats["workers"])
     assert devices == ["0", "0", "1", "1"]
+
+    # A worker on the second node dies: its node task restarts it and the balancer takes it back.
+    victim = json.loads((job.dir / "node-1" / "cluster.json").read_text())["workers"][0]
+    victim_url = next(w["url"] for w in stats["workers"] if w["url"].endswith(f":{victim['port']}"))
+    os.kill(victim["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:
+        backend = next(w for w in job.stats()["workers"] if w["url"] == victim_url)
+        try:
+            new_pid = _get_json(f"{victim_url}/health")["pid"]
+        except OSError:
+            new_pid = None
+        if backend["healthy"] and new_pid not in (None, victim["pid"]):
+            break
+        assert time.monotonic() < deadline, f"worker not restarted and re-added: {backend}"
+        time.sleep(0.5)
     slurm.run("scancel", job.id)
     slurm.wait_job_gone(job.id)
 
