@@ -178,6 +178,7 @@ def test_two_node_job_puts_workers_on_both_nodes(slurm: SlurmCluster, tmp_path: 
     assert ports[1] - ports[0] < 100 and ports[2] - ports[0] >= 100 and ports[3] - ports[2] < 100
     nodes_ran = sorted(p.name for p in job.dir.glob("node-*") if any(p.iterdir()))
     assert nodes_ran == ["node-0", "node-1"]
+    assert "node2" in (job.dir / "node-1" / "task.log").read_text().splitlines()[0]  # SLURMD_NODENAME
     devices = sorted(_get_json(f"{w['url']}/health")["cuda_visible_devices"] for w in stats["workers"])
     assert devices == ["0", "0", "1", "1"]
 

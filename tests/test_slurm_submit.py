@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +122,27 @@ def test_dry_run_prints_the_sbatch_command_without_submitting() -> None:
     assert result.returncode == 0, result.stderr
     assert "sbatch --parsable" in result.stdout and "--gres=gpu:2" in result.stdout
     assert "export IB_JOB_EXPECTED_WORKERS=4" in result.stdout
+
+
+def test_container_image_runs_both_steps_through_pyxis(tmp_path: Path) -> None:
+    """The batch template outside SLURM, with an `srun` that records its arguments: both steps get the image
+    and the default mounts. (No pyxis here: this checks the options, not a container run.)"""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "srun-calls.txt"
+    fake_srun = bin_dir / "srun"
+    fake_srun.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    fake_srun.chmod(0o755)
+    cfg = job(gpus=2, container_image="registry/ib:1", output_dir=str(tmp_path / "out"), ready_timeout=5)
+    env = child_env(**job_environment(cfg), PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="42",
+                    SLURMD_NODENAME="gpu01", SLURM_JOB_NODELIST="gpu01")
+    result = subprocess.run(["bash", str(JOB_TEMPLATE)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr  # both fake steps "ended": the job gives up
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 2 and all("--container-image=registry/ib:1" in line for line in lines)
+    mounts = f"--container-mounts={REPO_ROOT}:{REPO_ROOT},{tmp_path / 'out'}:{tmp_path / 'out'}"
+    assert all(mounts in line for line in lines)
+    assert "--nodelist=gpu01" in lines[0] and "-m lb --host 0.0.0.0" in lines[0]
+    assert "slurm/node_task.sh" in lines[1]
+    token_mode = (tmp_path / "out" / "42" / "admin_token").stat().st_mode
+    assert token_mode & 0o077 == 0  # the admin token is readable by its owner only
