@@ -2,17 +2,34 @@
 
 Matching is exact first, then normalised the way the seed's multi-server router did: case-insensitive, without
 an `org/` prefix and without an `-it` / `-instruct` suffix, so `Qwen/Qwen2.5-0.5B-Instruct` reaches a worker
-serving `qwen2.5-0.5b`. When every backend serves the same models, routing ignores the body entirely.
+serving `qwen2.5-0.5b` (the body's `model` is then rewritten to the worker's own name). When every backend
+serves the same models, routing ignores the body entirely.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from lb.backends import Backend, BackendPool
 from lb.errors import ModelNotFound
 
 SUFFIXES = ("-instruct", "-it")
+
+
+def served_name(backend: Backend, model: str) -> str:
+    """The name `backend` itself serves for `model` (workers reject names they do not know exactly)."""
+    if model in backend.models or not backend.models:
+        return model
+    wanted = normalise(model)
+    return next((m for m in sorted(backend.models) if normalise(m) == wanted), model)
+
+
+def rewrite_model(body: bytes, name: str) -> bytes:
+    """The request body with its `model` replaced; only for requests matched by normalised name."""
+    payload = json.loads(body)
+    payload["model"] = name
+    return json.dumps(payload).encode()
 
 
 def normalise(name: str) -> str:

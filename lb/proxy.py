@@ -33,7 +33,7 @@ from lb.errors import (
 )
 from lb.health import HealthChecker
 from lb.metrics import Metrics
-from lb.model_routing import ModelRouter
+from lb.model_routing import ModelRouter, rewrite_model, served_name
 from lb.upstream import UpstreamClient, UpstreamError, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger("lb.proxy")
@@ -154,8 +154,16 @@ class Proxy:
                 and not isinstance(body, AsyncIterator)
                 and any(b.index not in tried and b is not backend for b in current())
             )
+            sent = body
+            if (
+                model is not None
+                and isinstance(body, bytes)
+                and backend.models
+                and model not in backend.models
+            ):
+                sent = rewrite_model(body, served_name(backend, model))  # matched by normalised name
             async with pool.track(backend):
-                outcome = await self._attempt(request, backend, body, retries, can_retry, started)
+                outcome = await self._attempt(request, backend, sent, retries, can_retry, started)
             if not isinstance(outcome, _Retry):
                 return outcome
             log.info("retrying on another backend: backend %d %s", backend.index, outcome.reason)

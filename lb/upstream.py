@@ -53,7 +53,7 @@ class Connection(asyncio.Protocol):
 
     # asyncio.Protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop: not an asyncio.Transport subclass
+        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data

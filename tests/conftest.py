@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from tests.processes import ManagedProcess, free_port, python_module, test_env
 
@@ -48,6 +49,22 @@ def tiny_model_dir() -> Path:
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def sdk_for() -> AsyncIterator[Callable[..., Any]]:
+    """`sdk_for(lb)`: an AsyncOpenAI client on a balancer (lb_cluster.Proc), closed while the loop runs."""
+    from tests.lb_cluster import client
+
+    made: list[Any] = []
+
+    def _make(lb: Any, api_key: str = "unused") -> Any:
+        made.append(client(lb, api_key))
+        return made[-1]
+
+    yield _make
+    for sdk in made:
+        await sdk.close()
 
 
 __all__ = ["SpawnFn", "free_port", "python_module"]
