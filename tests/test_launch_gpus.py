@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -33,18 +34,21 @@ def test_gpus_flag_pins_one_gpu_per_worker_and_skips_a_taken_port(launch: Callab
         assert f"worker 0: port {ports[0]} instead of {taken} ({taken} is taken)" in cluster.output()
 
 
-def test_gpu_ids_pin_the_listed_gpus_and_skip_ports_are_honoured() -> None:
+def test_gpu_ids_pin_the_listed_gpus_and_skip_ports_are_honoured(tmp_path: Path) -> None:
     base = free_port()
     with LocalCluster(engine="fake", gpus=[3, 5], port=free_port(), worker_base_port=base,
-                      skip_ports=(str(base),), health_check_interval=0.5) as cluster:
+                      skip_ports=(str(base),), health_check_interval=0.5, run_dir=str(tmp_path / "run"),
+                      log_dir=str(tmp_path / "logs")) as cluster:
         assert seen_gpus(cluster.worker_urls) == ["3", "5"]
         assert base not in [spec.port for spec in cluster.specs]
         assert any("in --skip-ports" in line for line in cluster.port_substitutions)
 
 
-def test_gpus_per_worker_groups_ids_and_cpu_workers_see_no_gpu() -> None:
+def test_gpus_per_worker_groups_ids_and_cpu_workers_see_no_gpu(tmp_path: Path) -> None:
+    dirs = {"run_dir": str(tmp_path / "run"), "log_dir": str(tmp_path / "logs")}
     with LocalCluster(engine="fake", gpu_ids="0,1,2,3", gpus_per_worker=2, workers_only=True,
-                      worker_base_port=free_port()) as grouped:
+                      worker_base_port=free_port(), **dirs) as grouped:
         assert seen_gpus(grouped.worker_urls) == ["0,1", "2,3"]
-    with LocalCluster(engine="fake", cpu_workers=1, workers_only=True, worker_base_port=free_port()) as cpu:
+    with LocalCluster(engine="fake", cpu_workers=1, workers_only=True, worker_base_port=free_port(),
+                      **dirs) as cpu:
         assert seen_gpus(cpu.worker_urls) in ([""], [None])
