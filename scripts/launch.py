@@ -27,10 +27,12 @@ def say(message: str) -> None:
     print(f"[launcher {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def served_model(url: str) -> str | None:
+def served_model(url: str, api_key: str | None) -> str | None:
     """The first model id the balancer lists, for the usage example."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        with urllib.request.urlopen(url + "/v1/models", timeout=5) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url + "/v1/models", headers=headers),
+                                    timeout=5) as resp:
             data = json.load(resp)
         return str(data["data"][0]["id"])
     except (OSError, ValueError, KeyError, IndexError, TypeError):
@@ -43,7 +45,7 @@ def ready_banner(cluster: LocalCluster) -> str:
     if cfg.workers_only:
         lines.append(f"workers ready (no balancer): {', '.join(cluster.worker_urls)}")
     else:
-        model = cfg.served_model_name or served_model(cluster.url) or cfg.model_path or "MODEL"
+        model = cfg.served_model_name or served_model(cluster.url, cfg.api_key) or cfg.model_path or "MODEL"
         key = cfg.api_key or "none"
         lines += [
             f"READY: balancer at {cluster.url} in front of {len(cluster.workers)} workers",

