@@ -1,0 +1,59 @@
+"""The Python API: LocalCluster.from_yaml (seed format), create_cluster, the heartbeat's health view."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from lb.settings import ConfigError
+from scripts.cluster import LocalCluster, create_cluster
+from tests.launch_support import get_json
+from tests.processes import free_port
+
+pytestmark = pytest.mark.system
+
+
+def test_from_yaml_in_the_seed_format_starts_a_working_cluster(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(f"""
+backend: fake
+port: {free_port()}
+output_dir: {tmp_path / "logs"}
+env_vars: {{IB_WORKER_FAKE_STEP_LATENCY: 0}}
+batching: {{batch_size: 4}}
+cpu_workers: 2
+worker_base_port: {free_port()}
+run_dir: {tmp_path / "run"}
+served_model_name: from-yaml
+""")
+    with LocalCluster.from_yaml(path) as cluster:
+        client = OpenAI(base_url=cluster.openai_base_url, api_key="none")
+        text = client.completions.create(model="from-yaml", prompt="hello", max_tokens=3).choices[0].text
+        assert text
+        rows = cluster.health()
+        assert [r["name"] for r in rows] == ["worker 0", "worker 1", "balancer"]
+        assert all(r["running"] and r["healthy"] and r["restarts"] == 0 for r in rows)
+        assert "--batch-size" in cluster.workers[0].argv and (tmp_path / "logs" / "worker-1.log").exists()
+        assert cluster.is_healthy()
+    assert not (tmp_path / "run" / "cluster.json").exists()
+
+
+def test_create_cluster_from_settings_with_explicit_start_and_stop(tmp_path: Path) -> None:
+    cluster = create_cluster({"engine": "fake", "cpu_workers": 1, "workers_only": True},
+                             worker_base_port=free_port(), run_dir=str(tmp_path / "run"),
+                             log_dir=str(tmp_path / "logs"))
+    cluster.start()
+    try:
+        assert get_json(cluster.worker_urls[0] + "/health")["status"] == "ok"
+        with pytest.raises(RuntimeError, match="balancer is not running"):
+            _ = cluster.url
+    finally:
+        report = cluster.stop()
+    assert report.left == [] and report.checked >= 1
+
+
+def test_bad_settings_fail_before_anything_starts() -> None:
+    with pytest.raises(ConfigError, match="unknown key 'gpu_count'"):
+        LocalCluster(engine="fake", gpu_count=2)
