@@ -117,7 +117,7 @@ def wait_until_ready(cfg: SlurmJobConfig, job_id: str) -> int:
     return 1
 
 
-def _tail(path: Path, lines: int = 30) -> str:
+def _tail(path: Path, lines: int = 80) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:

@@ -55,15 +55,20 @@ class Job:
         return _get_json(f"{self.connection['url']}/stats", self.admin_token)
 
 
-def submit(cluster: SlurmCluster, out: Path, *args: str) -> Job:
-    """Submit and wait for readiness like a user; fail with the job's logs if it does not come up."""
+def run_submit(cluster: SlurmCluster, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`start_multi_gpu_slurm.sh --wait` against the test cluster, ports chosen for this machine."""
     # sbatch exports this environment to the job; the balancer reads IB_LB_* settings from it
     env = child_env(SLURM_CONF=str(cluster.conf), IB_PYTHON=sys.executable, IB_LB_HEALTH_CHECK_INTERVAL="1")
     lb_port, base_port = _quiet_ports()
     cmd = ["bash", str(SUBMIT), "--output-dir", str(out), "--node-addr", "127.0.0.1",
            "--port", str(lb_port), "--worker-base-port", str(base_port), "--login-host", "127.0.0.1",
            "--wait", "--wait-timeout", "120", "--ready-timeout", "120", *args]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+
+
+def submit(cluster: SlurmCluster, out: Path, *args: str) -> Job:
+    """Submit and wait for readiness like a user; fail with the job's logs if it does not come up."""
+    result = run_submit(cluster, out, *args)
     first = result.stdout.split()
     job_id = first[2] if first[:2] == ["submitted", "job"] else ""
     if result.returncode != 0:
@@ -252,3 +257,14 @@ def test_scancel_drains_in_flight_requests_then_stops_every_process(
     assert not _job_processes(job)
     assert slurm.job_state(job.id) == "CANCELLED"
     assert not (job.dir / "connection.json").exists()
+
+
+def test_a_job_whose_workers_cannot_start_fails_the_wait_with_their_error(
+    slurm: SlurmCluster, tmp_path: Path
+) -> None:
+    # a setting the worker rejects: it exits at once (as a bad model path would, after loading torch)
+    result = run_submit(slurm, tmp_path / "jobs", "--gpus", "2", "--engine", "fake",
+                        "--engine-args=--max-model-len 1")
+    assert result.returncode == 1
+    # what --wait printed: the job ended, and why (the node task's launch error with the worker's log tail)
+    assert "ended before it was ready" in result.stderr and "launcher exited with 1" in result.stderr
