@@ -25,6 +25,7 @@ from lb.stats import backend_stats, health, stats
 from lb.upstream import UpstreamClient
 
 log = logging.getLogger("lb")
+HOT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/generate")
 
 CONFIG = web.AppKey("config", BalancerConfig)
 POOL = web.AppKey("pool", BackendPool)
@@ -164,6 +165,7 @@ def _add_routes(app: web.Application) -> None:
     app.router.add_post("/workers", answers_errors(add_worker))
     app.router.add_delete("/workers/{index}", answers_errors(remove_worker))
     app.router.add_get("/workers", list_workers)
+    for path in HOT_PATHS:  # plain routes resolve by dict lookup, before the regex of the catch-all below
+        app.router.add_route("*", path, proxy)
     app.router.add_route("*", "/v1/{tail:.*}", proxy)
-    app.router.add_route("*", "/generate", proxy)
     app.router.add_route("*", "/{tail:.*}", not_found)

@@ -26,6 +26,7 @@ class Backend:
         "host",
         "in_flight",
         "index",
+        "label",
         "last_check",
         "last_progress",
         "latencies",
@@ -41,6 +42,7 @@ class Backend:
 
     def __init__(self, index: int, url: str, models: frozenset[str] = frozenset()) -> None:
         self.index = index
+        self.label = str(index)  # X-LB-Worker header value
         self.url = url
         parsed = URL(url)
         self.host = parsed.host or "127.0.0.1"

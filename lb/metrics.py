@@ -6,11 +6,13 @@ health and queue depth live as plain ints on Backend/Admission and a collector t
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from lb.backends import Backend, BackendPool
 
@@ -18,32 +20,45 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 OVERHEAD_BUCKETS = (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2)  # seconds
 
 
+class FastHistogram:
+    """A Prometheus histogram without locks or label lookups: the event loop is its only writer."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = list(buckets)
+        self.counts = [0] * (len(buckets) + 1)  # the last slot is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def family(self) -> HistogramMetricFamily:
+        cumulative: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip([*map(floatToGoString, self.bounds), "+Inf"], self.counts, strict=True):
+            total += count
+            cumulative.append((bound, total))
+        return HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=self.sum)
+
+
 class Metrics:
     def __init__(self, pool: BackendPool, queue_depth: Callable[[], int]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.latency = Histogram(
-            "lb_request_duration_seconds",
-            "Arrival to last byte relayed, proxied requests",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.latency = FastHistogram(
+            "lb_request_duration_seconds", "Arrival to last byte relayed, proxied requests", LATENCY_BUCKETS
         )
-        self.ttfb = Histogram(
-            "lb_time_to_first_byte_seconds",
-            "Arrival to the worker's response headers",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.ttfb = FastHistogram(
+            "lb_time_to_first_byte_seconds", "Arrival to the worker's response headers", LATENCY_BUCKETS
         )
-        self.overhead = Histogram(
+        self.overhead = FastHistogram(
             "lb_overhead_seconds",
             "Balancer time before forwarding an attempt (auth, body, routing, queue wait)",
-            buckets=OVERHEAD_BUCKETS,
-            registry=self.registry,
+            OVERHEAD_BUCKETS,
         )
-        self.queue_wait = Histogram(
-            "lb_queue_wait_seconds",
-            "Time requests waited in the admission queue",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.queue_wait = FastHistogram(
+            "lb_queue_wait_seconds", "Time requests waited in the admission queue", LATENCY_BUCKETS
         )
         self.rejections: dict[int, int] = {}  # status -> requests the balancer answered itself
         self.retries: dict[int, int] = {}  # backend index -> attempts retried elsewhere
@@ -110,6 +125,8 @@ class _PoolCollector(Collector):
         for status, count in sorted(self._metrics.rejections.items()):
             rejected.add_metric([str(status)], count)
         yield from (requests, errors, in_flight, healthy, retries, rejected)
+        m = self._metrics
+        yield from (h.family() for h in (m.latency, m.ttfb, m.overhead, m.queue_wait))
         yield GaugeMetricFamily(
             "lb_queue_depth", "Requests waiting for a free backend", value=self._queue_depth()
         )

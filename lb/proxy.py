@@ -57,6 +57,8 @@ REQUEST_DROP = frozenset(
         "content-length",
     }
 )
+REQUEST_DROP_RAW = frozenset(name.encode() for name in REQUEST_DROP)  # raw_headers are bytes: no decoding
+REQUEST_DROP_AUTH = REQUEST_DROP_RAW | {b"authorization"}
 RESPONSE_DROP = frozenset(
     {
         "connection",
@@ -181,12 +183,8 @@ class Proxy:
         started: float,
     ) -> web.StreamResponse | _Retry:
         self._metrics.overhead.observe(time.perf_counter() - started)
-        drop_auth = bool(self._keys)  # the client's key is for the balancer, not for the worker
-        headers = [
-            (k, v)
-            for k, v in request.headers.items()
-            if k.lower() not in REQUEST_DROP and not (drop_auth and k.lower() == "authorization")
-        ]
+        drop = REQUEST_DROP_AUTH if self._keys else REQUEST_DROP_RAW  # the client's key is not the worker's
+        headers = [(k, v) for k, v in request.raw_headers if k.lower() not in drop]
         try:
             upstream = await self._client.request(
                 backend.host,
@@ -228,7 +226,7 @@ class Proxy:
             return _Retry(f"answered {status}")
         ttfb = time.perf_counter()
         headers = CIMultiDict((k, v) for k, v in upstream.headers if k.lower() not in RESPONSE_DROP)
-        headers["X-LB-Worker"] = str(backend.index)
+        headers["X-LB-Worker"] = backend.label
         headers["X-LB-Retries"] = str(retries)
         length = upstream.content_length
         is_sse = upstream.content_type.startswith("text/event-stream")

@@ -213,6 +213,13 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body (for responses known to be small)."""
+        buf = self._conn.buffer
+        if not self._chunked and self._remaining and len(buf) == self._remaining:
+            data = bytes(buf)  # the usual case: head and body arrived in one read
+            buf.clear()
+            self._remaining = 0
+            self._finish()
+            return data
         parts = [chunk async for chunk in self.chunks()]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -316,7 +323,7 @@ class UpstreamClient:
         tls: bool,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         body: bytes | AsyncIterator[bytes] | None,
     ) -> UpstreamResponse:
         """Send one request; return once the response head arrived. A reused connection that turns out to have
@@ -398,18 +405,19 @@ def _request_head(
     method: str,
     target: str,
     host: str,
-    headers: list[tuple[str, str]],
+    headers: list[tuple[bytes, bytes]],
     body: bytes | AsyncIterator[bytes] | None,
 ) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
+    """The request line and headers as one bytes object; header names and values pass through undecoded."""
+    parts = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("utf-8", "surrogateescape")]
     for name, value in headers:
-        lines.append(f"{name}: {value}\r\n")
+        parts += (name, b": ", value, b"\r\n")
     if body is None:
         if method in ("POST", "PUT", "PATCH"):
-            lines.append("Content-Length: 0\r\n")
+            parts.append(b"Content-Length: 0\r\n")
     elif isinstance(body, bytes):
-        lines.append(f"Content-Length: {len(body)}\r\n")
+        parts.append(b"Content-Length: %d\r\n" % len(body))
     else:
-        lines.append("Transfer-Encoding: chunked\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode("utf-8", "surrogateescape")  # as aiohttp decoded them
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
