@@ -147,8 +147,8 @@ def _models_from_health(body: Any) -> frozenset[str]:
         names.append(body["model"])
     if isinstance(body.get("models"), list):
         names += body["models"]
-    for alias in body.get("served_model_names") or ():
-        names.append(alias)
+    if isinstance(body.get("served_model_names"), list):
+        names += body["served_model_names"]
     return frozenset(n for n in names if isinstance(n, str) and n)
 
 
