@@ -75,6 +75,7 @@ class LocalCluster:
         self.run_file = run_dir.cluster_file(config.run_dir)
         self.started_at: float | None = None
         self._stopped = False
+        self._wrote_run_file = False
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> LocalCluster:
@@ -235,6 +236,9 @@ class LocalCluster:
         return self.supervisor is not None and self.supervisor.stopped_from_outside.is_set()
 
     def _owns(self, path: Path) -> bool:
+        """This cluster wrote `path` (not merely this process: two clusters may share a process)."""
+        if not self._wrote_run_file:
+            return False
         try:
             return int(run_dir.read(path).get("launcher", {}).get("pid", -1)) == os.getpid()
         except run_dir.RunDirError:
@@ -262,6 +266,7 @@ class LocalCluster:
                 "engine": "custom" if cfg.worker_cmd else cfg.engine, "model": cfg.served_model_name
                 or cfg.model_path, "log": str(child.log_path), "restarts": child.restarts})
         run_dir.write_atomic(self.run_file, record)
+        self._wrote_run_file = True
 
 
 def create_cluster(config: ClusterConfig | Mapping[str, Any] | str | Path | None = None,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from openai import OpenAI
 
 from lb.settings import ConfigError
 from scripts.cluster import LocalCluster, create_cluster
+from scripts.run_dir import RunDirError
 from tests.launch_support import get_json
 from tests.processes import free_port
 
@@ -57,3 +59,13 @@ def test_create_cluster_from_settings_with_explicit_start_and_stop(tmp_path: Pat
 def test_bad_settings_fail_before_anything_starts() -> None:
     with pytest.raises(ConfigError, match="unknown key 'gpu_count'"):
         LocalCluster(engine="fake", gpu_count=2)
+
+
+def test_a_second_cluster_on_the_same_run_dir_is_refused_and_leaves_the_first_alone(tmp_path: Path) -> None:
+    dirs: dict[str, Any] = {"run_dir": str(tmp_path / "run"), "log_dir": str(tmp_path / "logs"),
+                            "workers_only": True}
+    with LocalCluster(engine="fake", cpu_workers=1, worker_base_port=free_port(), **dirs) as first:
+        second = LocalCluster(engine="fake", cpu_workers=1, worker_base_port=free_port(), **dirs)
+        with pytest.raises(RunDirError, match="belongs to a running launcher"):
+            second.start()
+        assert first.run_file.exists() and first.is_healthy()
