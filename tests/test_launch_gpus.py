@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,7 +46,7 @@ def test_gpu_ids_pin_the_listed_gpus_and_skip_ports_are_honoured(tmp_path: Path)
 
 
 def test_gpus_per_worker_groups_ids_and_cpu_workers_see_no_gpu(tmp_path: Path) -> None:
-    dirs = {"run_dir": str(tmp_path / "run"), "log_dir": str(tmp_path / "logs")}
+    dirs: dict[str, Any] = {"run_dir": str(tmp_path / "run"), "log_dir": str(tmp_path / "logs")}
     with LocalCluster(engine="fake", gpu_ids="0,1,2,3", gpus_per_worker=2, workers_only=True,
                       worker_base_port=free_port(), **dirs) as grouped:
         assert seen_gpus(grouped.worker_urls) == ["0,1", "2,3"]
