@@ -32,7 +32,7 @@ class Upstream:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> Upstream:
-        app = web.Application()
+        app = web.Application(client_max_size=64 << 20)
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)

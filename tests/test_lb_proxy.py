@@ -330,3 +330,32 @@ async def test_stats_and_metrics_shape(upstreams: Any, balancer: Any, http: aioh
         "lb_overhead_seconds",
     ):
         assert name in text, name
+
+
+async def test_large_body_is_streamed_through(
+    upstreams: Any, balancer: Any, http: aiohttp.ClientSession
+) -> None:
+    up = await upstreams()
+    url = await balancer([up])
+    payload = json.dumps(chat() | {"padding": "x" * (3 << 20)}).encode()  # over the 1 MiB kept for retries
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(payload), 256 << 10):
+            yield payload[start : start + (256 << 10)]
+
+    async with http.post(url + CHAT, data=pieces(), headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 200
+    assert up.bodies[-1] == payload
+
+
+async def test_full_worker_429_is_retried_elsewhere(
+    upstreams: Any, balancer: Any, http: aiohttp.ClientSession
+) -> None:
+    full, ok = await upstreams(), await upstreams()
+    url = await balancer([full, ok], policy="round_robin")
+    full.status = 429
+    for _ in range(3):
+        async with http.post(url + CHAT, json=chat()) as resp:
+            assert resp.status == 200 and resp.headers["X-LB-Worker"] == "1"
+    async with http.get(url + "/stats") as resp:
+        assert (await resp.json())["workers"][0]["healthy"]  # full is not dead
