@@ -229,9 +229,13 @@ def _complete_in_background(url: str, max_tokens: int) -> tuple[threading.Thread
 def test_scancel_drains_in_flight_requests_then_stops_every_process(
     slurm: SlurmCluster, tmp_path: Path
 ) -> None:
-    # 40 tokens at 50 ms per decode step: a request still running when scancel arrives (KillWait is 5 s)
-    job = submit(slurm, tmp_path / "jobs", "--gpus", "4", "--gpus-per-node", "2", "--engine", "fake",
+    # CPU workers (no GRES requested), two per node; 40 tokens at 50 ms per decode step make a request that
+    # is still running when scancel arrives (KillWait is 5 s)
+    job = submit(slurm, tmp_path / "jobs", "--cpu-workers", "2", "--nodes", "2", "--engine", "fake",
                  "--engine-args=--fake-step-latency 0.05")
+    workers = job.stats()["workers"]
+    assert len(workers) == 4
+    assert all(not _get_json(f"{w['url']}/health")["cuda_visible_devices"] for w in workers)
     before = _job_processes(job)
     commands = [" ".join(p.cmdline()) for p in before]
     # the balancer and one launcher per node are among them (workers are the launchers' children)
