@@ -1,4 +1,4 @@
-"""DynamicBatcher with the fake engine, in process: batch formation, admit, cancellation, errors, queue limits."""
+"""DynamicBatcher with the fake engine, in process: batch formation, admit, cancellation, errors, limits."""
 
 from __future__ import annotations
 
@@ -52,6 +52,13 @@ class RecordingEngine(FakeEngine):
 def request(rid: str, max_new_tokens: int = 4, prompt: str = "hello there") -> EngineRequest:
     return EngineRequest(rid, prompt, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
                                                      ignore_eos=True))
+
+
+async def until(condition: Callable[[], bool], limit: float = 5.0) -> None:
+    """Poll `condition` every 5 ms; fail after `limit` seconds."""
+    async with asyncio.timeout(limit):
+        while not condition():  # noqa: ASYNC110 - state changes on another thread, no event to await
+            await asyncio.sleep(0.005)
 
 
 async def collect(batcher: DynamicBatcher, *requests: EngineRequest) -> list[TokenEvent]:
@@ -120,8 +127,7 @@ async def test_queued_requests_are_admitted_into_a_running_batch(make_batcher, c
     metrics = WorkerMetrics("fake-model")
     batcher = await start(make_batcher(engine, batch_size=4, metrics=metrics), closing)
     long_task = asyncio.create_task(collect(batcher, request("long", max_new_tokens=60)))
-    while not batcher.running:
-        await asyncio.sleep(0.005)
+    await until(lambda: batcher.running > 0)
     short = await asyncio.gather(*(collect(batcher, request(f"short{i}", 3)) for i in range(2)))
     assert not long_task.done(), "short requests joined the running batch and finished first"
     await long_task
@@ -148,8 +154,7 @@ async def test_cancelled_queued_request_leaves_the_queue(make_batcher, closing) 
     engine = RecordingEngine(step_latency=0.01, max_num_seqs=0)
     batcher = await start(make_batcher(engine, batch_size=1), closing)
     running = asyncio.create_task(collect(batcher, request("first", 50)))
-    while not batcher.running:
-        await asyncio.sleep(0.005)
+    await until(lambda: batcher.running > 0)
     async with batcher.submit([request("waiting")]):
         assert batcher.queue_depth == 1
     assert batcher.queue_depth == 0
@@ -173,11 +178,9 @@ async def test_full_queue_refuses_before_any_work(make_batcher, closing) -> None
     engine = RecordingEngine(step_latency=0.01, max_num_seqs=0)
     batcher = await start(make_batcher(engine, batch_size=1, max_queue=2), closing)
     first = asyncio.create_task(collect(batcher, request("running", 100)))
-    while not batcher.running:
-        await asyncio.sleep(0.005)
+    await until(lambda: batcher.running > 0)
     waiting = [asyncio.create_task(collect(batcher, request(f"q{i}", 1))) for i in range(2)]
-    while batcher.queue_depth < 2:
-        await asyncio.sleep(0.005)
+    await until(lambda: batcher.queue_depth == 2)
     with pytest.raises(QueueFull):
         await collect(batcher, request("one-too-many"))
     assert batcher.queue_depth == 2
@@ -200,7 +203,8 @@ async def test_prompt_too_long_is_refused_before_queueing(make_batcher, closing)
 async def test_fill_context_generates_up_to_the_end_of_the_context(make_batcher, closing) -> None:
     engine = RecordingEngine(max_model_len=12)
     batcher = await start(make_batcher(engine), closing)
-    async with batcher.submit([request("fill", max_new_tokens=1, prompt="a b c d")], fill_context=True) as sub:
+    fill = request("fill", max_new_tokens=1, prompt="a b c d")
+    async with batcher.submit([fill], fill_context=True) as sub:
         events = [e async for e in sub.events()]
     assert sum(e.num_tokens for e in events) == 12 - 4
     assert events[-1].finish_reason == "length"
@@ -220,8 +224,7 @@ async def test_close_fails_queued_requests_and_stops_the_engine_thread(make_batc
     await batcher.start()
     running = asyncio.create_task(collect(batcher, request("running", 3000)))
     queued = asyncio.create_task(collect(batcher, request("queued")))
-    while batcher.queue_depth < 1 or not batcher.running:
-        await asyncio.sleep(0.005)
+    await until(lambda: batcher.queue_depth == 1 and batcher.running == 1)
     await batcher.close()
     assert batcher._thread is not None and not batcher._thread.is_alive()
     with pytest.raises(Exception, match="shutting down"):

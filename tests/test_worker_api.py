@@ -1,4 +1,4 @@
-"""The worker's HTTP API over real HTTP against a fake-engine worker process, with the OpenAI SDK as client."""
+"""The worker's HTTP API over real HTTP against a fake-engine worker process, OpenAI SDK as client."""
 
 from __future__ import annotations
 
@@ -197,8 +197,8 @@ async def test_first_streamed_token_arrives_before_the_last_is_generated(tmp_pat
     with running_worker(tmp_path, "--fake-step-latency", "0.05") as w:
         async with openai.AsyncOpenAI(base_url=w.url + "/v1", api_key="x", max_retries=0) as c:
             started = time.monotonic()
-            stream = await c.completions.create(model="fake-model", prompt="slowly", max_tokens=30, stream=True,
-                                                extra_body={"ignore_eos": True})
+            stream = await c.completions.create(model="fake-model", prompt="slowly", max_tokens=30,
+                                                stream=True, extra_body={"ignore_eos": True})
             arrivals = [time.monotonic() - started async for chunk in stream if chunk.choices]
     assert len(arrivals) == 30
     assert arrivals[0] < arrivals[-1] / 2  # 30 steps of 50 ms: the first arrives ~1.4 s before the last

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,12 @@ GOOD_COMPLETION = {"prompt": "hi", "max_tokens": 2}
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     with running_worker(tmp_path_factory.mktemp("errors"), "--max-model-len", str(MAX_MODEL_LEN)) as w:
         yield w
+
+
+async def until(condition: Callable[[], bool], limit: float = 10.0) -> None:
+    async with asyncio.timeout(limit):
+        while not condition():  # noqa: ASYNC110 - polling another process
+            await asyncio.sleep(0.02)
 
 
 async def post(worker: Worker, path: str, body: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -54,9 +60,11 @@ BAD_INPUT = [
     (COMPLETIONS, {"prompt": "hi", "max_tokens": -5}, 400, "max_tokens", None),
     (COMPLETIONS, {"prompt": "hi", "max_tokens": "10"}, 400, "max_tokens", None),
     (COMPLETIONS, {"prompt": "hi", "max_tokens": 2.5}, 400, "max_tokens", None),
-    (COMPLETIONS, {"prompt": "hi", "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens", "context_length_exceeded"),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens",
+     "context_length_exceeded"),
     (COMPLETIONS, {"prompt": "hi " * 62, "max_tokens": 4}, 400, "prompt", "context_length_exceeded"),
-    (CHAT, {"messages": [{"role": "user", "content": "hi " * 80}]}, 400, "messages", "context_length_exceeded"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi " * 80}]}, 400, "messages",
+     "context_length_exceeded"),
     (COMPLETIONS, {"prompt": "hi", "model": "gpt-9"}, 404, "model", "model_not_found"),
     (COMPLETIONS, {"prompt": "hi", "temperature": -1}, 400, "temperature", None),
     (COMPLETIONS, {"prompt": "hi", "temperature": "hot"}, 400, "temperature", None),
@@ -69,14 +77,16 @@ BAD_INPUT = [
     (COMPLETIONS, {"prompt": "hi", "stream_options": {"include_usage": "no"}}, 400,
      "stream_options.include_usage", None),
     (COMPLETIONS, {"prompt": "hi", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
-    (COMPLETIONS, {"prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty", "unsupported_parameter"),
+    (COMPLETIONS, {"prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty",
+     "unsupported_parameter"),
     (COMPLETIONS, {"prompt": "hi", "logprobs": 2}, 400, "logprobs", "unsupported_parameter"),
     (CHAT, {**GOOD_CHAT, "tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter"),
     (CHAT, {**GOOD_CHAT, "logit_bias": {"5": 10}}, 400, "logit_bias", "unsupported_parameter"),
     (CHAT, {**GOOD_CHAT, "mirostat": 2}, 400, "mirostat", "unsupported_parameter"),
     ("/generate", {"prompt": "hi", "do_sample": "maybe"}, 400, "do_sample", None),
     ("/generate", {"prompt": "hi", "max_new_tokens": 0}, 400, "max_new_tokens", None),
-    ("/generate", {"prompt": "hi", "frequency_penalty": 0}, 400, "frequency_penalty", "unsupported_parameter"),
+    ("/generate", {"prompt": "hi", "frequency_penalty": 0}, 400, "frequency_penalty",
+     "unsupported_parameter"),
     ("/generate", {"max_new_tokens": 3}, 400, "prompt", None),
 ]
 
@@ -133,11 +143,9 @@ async def test_full_queue_answers_429_with_retry_after(tmp_path: Path) -> None:
     with running_worker(tmp_path, *flags) as w:
         long = {"prompt": "occupy", "max_tokens": 500, "ignore_eos": True}
         running = asyncio.create_task(post(w, COMPLETIONS, long))
-        while w.get_json("/health")[1]["running"] < 1:  # a request being tokenised counts as queued
-            await asyncio.sleep(0.02)
+        await until(lambda: w.get_json("/health")[1]["running"] == 1)  # one being tokenised counts as queued
         queued = asyncio.create_task(post(w, COMPLETIONS, long))
-        while w.get_json("/health")[1]["queue_depth"] < 1:
-            await asyncio.sleep(0.02)
+        await until(lambda: w.get_json("/health")[1]["queue_depth"] == 1)
         status, error, headers = await post(w, COMPLETIONS, GOOD_COMPLETION)
         assert status == 429
         assert error["error"]["type"] == "rate_limit_error"

@@ -1,4 +1,4 @@
-"""Start a real worker process (`python -m workers`) on a free port for tests, and stop it by process group."""
+"""Start a real worker process (`python -m workers`) on a free port for tests; stop it by process group."""
 
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ class DynamicBatcher:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._queue: deque[_Entry] = deque()
-        self._running: set[str] = set()
+        self._running: dict[str, Submission] = {}  # request id -> its submission, while in the engine
         self._cancelled: set[str] = set()
         self._preparing = 0  # requests between admission and the queue (tokenising); loop thread only
         self._stopping = False
@@ -128,11 +128,12 @@ class DynamicBatcher:
         self.accepting = False
         with self._lock:
             self._stopping = True
-            dropped = list(self._queue)
+            dropped = [e.submission for e in self._queue] + list(self._running.values())
             self._queue.clear()
             self._cancelled.update(self._running)
+            self._running.clear()
             self._wakeup.notify_all()
-        for submission in {id(e.submission): e.submission for e in dropped}.values():
+        for submission in {id(s): s for s in dropped}.values():
             submission.put(NotReady("the worker is shutting down"))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, join_limit)
@@ -166,7 +167,7 @@ class DynamicBatcher:
             self._queue = deque(e for e in self._queue if e.submission is not submission)
             for request_id in submission.unfinished:
                 if request_id in self._running:
-                    self._running.discard(request_id)  # its slot is free now; the engine drops it next step
+                    del self._running[request_id]  # its slot is free now; the engine drops it next step
                     self._cancelled.add(request_id)
         submission.unfinished.clear()
 
@@ -240,7 +241,7 @@ class DynamicBatcher:
                     self._wakeup.wait(remaining)
                 if self._queue and not self._stopping:
                     batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
-                    self._running.update(e.request.request_id for e in batch)
+                    self._running.update((e.request.request_id, e.submission) for e in batch)
                     return batch
 
     def _run_batch(self, batch: list[_Entry]) -> None:
@@ -253,7 +254,7 @@ class DynamicBatcher:
             with self._lock:
                 room = min(n, self.batch_size - len(self._running), len(self._queue))
                 joined = [self._queue.popleft() for _ in range(max(room, 0))]
-                self._running.update(e.request.request_id for e in joined)
+                self._running.update((e.request.request_id, e.submission) for e in joined)
             for entry in joined:
                 active[entry.request.request_id] = entry
                 seen.append(entry.request.request_id)
@@ -274,7 +275,8 @@ class DynamicBatcher:
                 log.error("engine ended a batch without finishing %d requests", len(leftovers))
                 self._fail(leftovers, EngineFailed("the engine ended its batch before this request"))
             with self._lock:
-                self._running.difference_update(seen)
+                for request_id in seen:
+                    self._running.pop(request_id, None)
                 self._cancelled.difference_update(seen)
 
     def _dispatch(self, events: list[TokenEvent], active: dict[str, _Entry]) -> None:
@@ -291,7 +293,8 @@ class DynamicBatcher:
                 deliveries.append((entry.submission, event))
         if finished:
             with self._lock:
-                self._running.difference_update(finished)
+                for request_id in finished:
+                    self._running.pop(request_id, None)
         if deliveries:
             self._call_soon(self._deliver, deliveries)
 
