@@ -86,6 +86,8 @@ class BalancerConfig:
             raise ConfigError("max_inflight_per_worker: must be >= 1")
         for url in self.workers:
             _check_url("workers", url)
+        self.worker_urls()  # unreadable --workers-file / --api-key-file: fail at load, naming the key
+        self.api_keys()
 
     def worker_urls(self) -> list[str]:
         """--workers followed by the lines of --workers-file, normalised, without duplicates."""
