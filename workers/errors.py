@@ -133,8 +133,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(RouteNotFound(f"no route for {request.method} {request.path}"))
     except web.HTTPMethodNotAllowed:
         return error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.path}"))
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        # aiohttp's own refusals, e.g. 413 for a body over client_max_size
+        problem = InvalidRequest(exc.reason or exc.text or "bad request")
+        problem.status = exc.status
+        return error_response(problem)
     except PromptTooLongError as exc:
         return error_response(as_api_error(exc))
     except Exception as exc:  # the request's outer edge: log it, answer 500, keep serving everyone else
