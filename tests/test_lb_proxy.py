@@ -359,3 +359,33 @@ async def test_full_worker_429_is_retried_elsewhere(
             assert resp.status == 200 and resp.headers["X-LB-Worker"] == "1"
     async with http.get(url + "/stats") as resp:
         assert (await resp.json())["workers"][0]["healthy"]  # full is not dead
+
+
+@pytest.mark.parametrize("cap", [None, 2])
+async def test_in_flight_counts_never_drift_under_mixed_load(
+    upstreams: Any, balancer: Any, http: aiohttp.ClientSession, cap: int | None
+) -> None:
+    ups = [await upstreams() for _ in range(3)]
+    ups[0].status = 503  # every attempt there is retried elsewhere
+    for up in ups:
+        up.chunks = 20
+    settings = {"max_inflight_per_worker": cap, "max_queue": 1000} if cap else {}
+    url = await balancer(ups, policy="power_of_two", **settings)
+    pool = balancer.apps[0][POOL]
+
+    async def one(i: int) -> None:
+        body = chat(stream=i % 2 == 0)
+        try:
+            async with asyncio.timeout(0.005 * (i % 7) if i % 3 == 0 else 30):  # a third leave early
+                async with http.post(url + CHAT, json=body) as resp:
+                    await resp.read()
+        except TimeoutError:
+            pass
+
+    await asyncio.gather(*(one(i) for i in range(150)))
+    for _ in range(100):
+        if all(b.in_flight == 0 and b.reserved == 0 for b in pool.backends):
+            break
+        await asyncio.sleep(0.02)
+    assert [(b.in_flight, b.reserved) for b in pool.backends] == [(0, 0)] * 3
+    assert sum(b.requests_served for b in pool.backends) > 0
