@@ -1,4 +1,4 @@
-"""GET /stats and GET /health: the balancer's state as JSON (the seed's /stats shape, extended)."""
+"""GET /stats and GET /health: the balancer's state as JSON, in the shape issue 3 fixes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ def backend_stats(b: Backend) -> dict[str, Any]:
         "index": b.index,
         "url": b.url,
         "healthy": b.healthy,
-        "draining": b.draining,
         "requests_served": b.requests_served,
         "errors": b.errors,
         "in_flight": b.in_flight,
@@ -34,8 +33,6 @@ def stats(
         "policy": policy,
         "uptime_s": round(time.monotonic() - started, 3),
         "queue_depth": queue_depth,
-        "in_flight": pool.total_in_flight,
-        "models": pool.models(),
         "workers": [backend_stats(b) for b in pool.backends],
     }
 
