@@ -272,3 +272,15 @@ def test_a_job_whose_workers_cannot_start_fails_the_wait_with_their_error(
     assert result.returncode == 1
     # what --wait printed: the job ended, and why (the node task's launch error with the worker's log tail)
     assert "ended before it was ready" in result.stderr and "launcher exited with 1" in result.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("IB_SLOW_TESTS"), reason="~95 s (SLURM's time limit has minute "
+                    "granularity and is checked every 30 s); set IB_SLOW_TESTS=1 to run")
+def test_time_limit_stops_the_job_like_scancel(slurm: SlurmCluster, tmp_path: Path) -> None:
+    job = submit(slurm, tmp_path / "jobs", "--gpus", "2", "--engine", "fake", "--time", "1")
+    before = _job_processes(job)
+    slurm.wait_job_gone(job.id, timeout=180)
+    assert slurm.job_state(job.id) == "TIMEOUT"
+    _gone, alive = psutil.wait_procs(before, timeout=KILL_WAIT_S + 5)
+    assert not alive and not _job_processes(job)
+    assert "lb: stopped" in (job.dir / "lb.log").read_text()  # it drained and exited, it was not killed
