@@ -2,18 +2,19 @@
 
 The request path (proxy.py unless named)::
 
-    client ──HTTP──▶ aiohttp handler (uvloop)
+    client ──HTTP──▶ aiohttp handler (uvloop; app.py routes)
       │ auth.check_bearer            401 without a valid --api-key
-      │ read body                    413 over --max-body-size; kept whole up to 1 MiB so it can be retried
+      │ request_body.read_body       413 over --max-body-size; kept whole up to 1 MiB so it can be retried
       │ model_routing.candidates     only if backends serve different models: 400 bad JSON, 404 unknown model
       │ admission.choose             policy over routable backends; beyond --max-inflight-per-worker a FIFO
       │                              queue (429 when full or timed out); 503 + Retry-After with none healthy
       │ async with pool.track(b)     in-flight +1 … -1 on every exit path (backends.py)
-      │   session.request ──────────▶ worker        connect / reset / 429 / 502 / 503 before any byte:
+      │   upstream.UpstreamClient ──▶ worker        keep-alive HTTP/1.1 (connection.py, response.py);
+      │                                             connect / reset / 429 / 502 / 503 before any byte:
       │                                             retry on a different backend (≤ --max-retries)
       │   relay: one write, or SSE chunk by chunk   worker dies mid-stream: SSE error event
       ▼ X-LB-Worker, X-LB-Retries    client leaves: handler cancelled, upstream closed, worker stops
 
     health.HealthChecker ── GET /health every interval ──▶ workers (drop / re-add, learn models)
-    admin: POST /workers, DELETE /workers/{index};  /stats, /metrics, /health (stats.py, metrics.py)
+    admin.py: POST /workers, DELETE /workers/{index};  /stats, /health (stats.py), /metrics (metrics.py)
 """

@@ -1,6 +1,6 @@
 """The proxy route: auth, body, model routing, admission, then forward one attempt at a time and relay.
 
-Hot path, in order: one header compare (auth), one body read (bodies up to BUFFER_LIMIT are kept so an attempt
+Hot path, in order: one header compare (auth), one body read (bodies up to 1 MiB are kept so an attempt
 can be retried), the model read only when backends serve different models, a policy choice, one upstream
 request over the pooled session, and the response relayed: small complete bodies in one write, anything else
 (SSE, unknown length) chunk by chunk as it arrives. Response bodies are never parsed.
@@ -8,13 +8,10 @@ request over the pooled session, and the response relayed: small complete bodies
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -23,9 +20,7 @@ from lb.auth import check_bearer
 from lb.backends import Backend, BackendPool
 from lb.config import BalancerConfig
 from lb.errors import (
-    BadRequest,
     BalancerError,
-    BodyTooLarge,
     GatewayTimeout,
     UpstreamFailed,
     error_response,
@@ -34,13 +29,12 @@ from lb.errors import (
 from lb.health import HealthChecker
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter, rewrite_model, served_name
+from lb.request_body import model_of, read_body
 from lb.upstream import UpstreamClient, UpstreamError, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger("lb.proxy")
 
-BUFFER_LIMIT = (
-    1 << 20
-)  # bytes: request bodies up to this are read whole (retryable); responses relayed in one write
+RESPONSE_BUFFER_LIMIT = 1 << 20  # bytes: complete responses up to this are relayed in one write
 RETRY_STATUSES = frozenset({429, 502, 503})  # a full, failing or draining worker answered before doing work
 # hop-by-hop headers (RFC 9110 7.6.1) and those the client session recomputes
 REQUEST_DROP = frozenset(
@@ -110,27 +104,15 @@ class Proxy:
         try:
             if self._keys:
                 check_bearer(request.headers.get("Authorization"), self._keys)
-            body = await self._read_body(request)
+            body = await read_body(request, self._max_body, whole=self._router.needs_model)
             model = None
             if self._router.needs_model and isinstance(body, bytes):
-                model = _model_of(body)
+                model = model_of(body)
             candidates = self._router.candidates(model, self._pool.routable)  # raises ModelNotFound
             return await self._forward(request, body, model, candidates, started)
         except BalancerError as exc:
             self._metrics.rejected(exc.status)
             return error_response(exc)
-
-    async def _read_body(self, request: web.Request) -> bytes | AsyncIterator[bytes] | None:
-        if not request.body_exists:
-            return None
-        length = request.content_length
-        if length is not None and length > self._max_body:
-            raise BodyTooLarge(f"Request body of {length} bytes exceeds the limit of {self._max_body} bytes.")
-        if length is not None and length <= BUFFER_LIMIT:
-            return await request.read()
-        if self._router.needs_model:
-            return await _read_bounded(request.content, self._max_body)
-        return _stream_bounded(request.content, self._max_body)  # large: streamed through, not retryable
 
     async def _forward(
         self,
@@ -230,7 +212,7 @@ class Proxy:
         headers["X-LB-Retries"] = str(retries)
         length = upstream.content_length
         is_sse = upstream.content_type.startswith("text/event-stream")
-        if length is not None and length <= BUFFER_LIMIT and not is_sse:
+        if length is not None and length <= RESPONSE_BUFFER_LIMIT and not is_sse:
             try:
                 data = (
                     await upstream.read()
@@ -292,39 +274,3 @@ class Proxy:
 
 def _empty() -> Sequence[Backend]:
     return ()
-
-
-def _model_of(body: bytes) -> str | None:
-    """The request's `model`, read only when backends serve different models."""
-    if not body:
-        return None
-    try:
-        payload: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise BadRequest("The request body must be a JSON object.")
-    model = payload.get("model")
-    if model is not None and not isinstance(model, str):
-        raise BadRequest("'model' must be a string.", param="model")
-    return model
-
-
-async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in stream.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _stream_bounded(stream: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
-    size = 0
-    async for chunk in stream.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-        yield chunk

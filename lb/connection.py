@@ -1,0 +1,119 @@
+"""Connection: one keep-alive HTTP/1.1 connection to a worker, as an asyncio.Protocol with a read buffer.
+
+`data_received` only appends to the buffer and wakes the coroutine waiting in `wait_data`; parsing happens
+on the coroutine side (lb/response.py). Reading pauses past MAX_BUFFER: a slow client slows its worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import typing
+
+MAX_BUFFER = 1 << 20  # bytes read ahead from a worker before we stop reading from its socket
+
+
+class UpstreamError(Exception):
+    """The worker could not be reached or broke the connection. `sent` says whether it may have seen the
+    whole request; `started` whether any response byte arrived."""
+
+    def __init__(self, message: str, *, connect: bool = False, started: bool = False) -> None:
+        super().__init__(message)
+        self.connect = connect
+        self.started = started
+
+
+class UpstreamTimeout(UpstreamError):
+    """Connect timeout (connect=True) or the worker stayed silent longer than the read timeout."""
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive TCP connection; the coroutine side parses what `data_received` buffers."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.closed = False
+        self.idle_since = 0.0
+        self.reused = False
+        self._exc: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._got_data = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+
+    # asyncio.Protocol callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._got_data = True
+        if len(self.buffer) > MAX_BUFFER and self.transport is not None and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._exc = exc or ConnectionResetError("connection closed by the worker")
+        for waiter in (self._waiter, self._drain_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # coroutine side
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._write_paused and not self.closed:
+            self._drain_waiter = self._loop.create_future()
+            await self._drain_waiter
+        if self.closed:
+            raise UpstreamError(f"worker closed the connection while receiving the request: {self._exc}")
+
+    async def wait_data(self, timeout: float, started: bool) -> None:  # noqa: ASYNC109
+        """Wait for more bytes; raise at EOF (UpstreamError) or after `timeout` s of silence."""
+        if self.closed:
+            raise UpstreamError(f"connection to the worker lost: {self._exc!r}", started=started)
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        self._got_data = False
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(timeout, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+        if self._got_data:
+            return
+        if self.closed:
+            raise UpstreamError(f"connection to the worker lost: {self._exc!r}", started=started)
+        raise UpstreamTimeout(f"the worker sent nothing for {timeout:g}s", started=started)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)  # wakes wait_data without new data: a read timeout
