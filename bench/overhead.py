@@ -1,9 +1,11 @@
-"""`python -m bench.overhead`: what the balancer adds over going straight to a worker (fake engine, no delay).
+"""`python -m bench.overhead`: what the balancer adds over going straight to the upstream, measured with wrk.
 
-One fake worker with no simulated latency; `wrk` (C, one thread) loads either the worker directly or a
-balancer in front of it, with the same POST body. Reported: latency p50/p99 at concurrency 1 and 64 and the
-balancer's added latency, req/s at 64, SSE chunks/s at 64 (each streamed response has a fixed number of
-events, counted once), and the balancer's CPU per request. Ratios are to direct, within one run.
+Two upstreams, each on its own: `fake` is a real worker with the fake engine and no simulated latency (what
+the issue asks for; its own per-request cost, an engine-thread hand-off, dominates), `stub` is
+`bench.stub_worker`, a bare asyncio server with canned answers, so the balancer's own cost shows. wrk (C,
+one thread) loads the upstream directly, then a balancer in front of it, with the same POST body. Reported:
+latency p50/p99 at concurrency 1 and 64 and the added latency, req/s at 64, SSE events/s at 64 (each
+streamed response has a fixed number of events, counted once), and the balancer's CPU per request.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -20,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from bench.cluster import ClusterSpec, LocalCluster, Process, WorkerSpec, start_balancer
+from bench.cluster import Process, WorkerSpec, free_port, start_balancer
 from bench.results import command_line, markdown_table, write_section
 from bench.wrk import WrkResult, ensure_wrk, run_wrk
 from lb.settings import ConfigError, load_config, setting
@@ -35,12 +36,18 @@ class OverheadConfig:
     stream_tokens: int = setting(128, "tokens per streamed request (one SSE event each)")
     worker_batch_size: int = setting(64, "the fake worker's batch size")
     threads: int = setting(1, "wrk threads (one keeps wrk to one of the two cores)")
+    upstream: tuple[str, ...] = setting(
+        ("fake", "stub"), "upstreams to measure: fake (worker, fake engine) and/or stub (bench.stub_worker)"
+    )
     results: bool = setting(True, "write the table to bench/RESULTS.md")
     json: str | None = setting(None, "write every run to this JSON file")
 
     def __post_init__(self) -> None:
         if self.duration <= 0 or self.warmup < 0 or self.high_concurrency < 1 or self.threads < 1:
             raise ConfigError("duration, high_concurrency and threads must be positive, warmup >= 0")
+        unknown = set(self.upstream) - {"fake", "stub"}
+        if unknown or not self.upstream:
+            raise ConfigError(f"upstream: choose from fake, stub (got {', '.join(self.upstream) or 'none'})")
 
 
 @dataclass
@@ -50,7 +57,7 @@ class Run:
     connections: int
     result: WrkResult
     lb_cpu_s: float | None  # balancer CPU seconds during the run
-    worker_cpu_s: float  # worker CPU seconds during the run
+    worker_cpu_s: float  # upstream CPU seconds during the run
 
 
 def body(tokens: int, stream: bool) -> bytes:
@@ -73,32 +80,30 @@ def cpu_seconds(proc: Process | None) -> float:
     return float(times.user + times.system)
 
 
-def measure(config: OverheadConfig, cluster: LocalCluster, lb: Process) -> tuple[list[Run], int]:
-    worker = cluster.workers[0]
-    targets = {"direct": (cluster.worker_urls[0], None), "balancer": (cluster.lb_url, lb)}
+def measure(
+    config: OverheadConfig, upstream: Process, upstream_url: str, lb: Process, lb_url: str
+) -> list[Run]:
+    hi = config.high_concurrency
     scenarios = [
         ("c1", 1, body(config.max_tokens, False)),
-        (f"c{config.high_concurrency}", config.high_concurrency, body(config.max_tokens, False)),
-        (f"c{config.high_concurrency}-stream", config.high_concurrency, body(config.stream_tokens, True)),
+        (f"c{hi}", hi, body(config.max_tokens, False)),
+        (f"c{hi}-stream", hi, body(config.stream_tokens, True)),
     ]
-    events = sse_events(cluster.worker_urls[0] + "/v1/completions", body(config.stream_tokens, True))
-    via_lb = sse_events(cluster.lb_url + "/v1/completions", body(config.stream_tokens, True))
-    if via_lb != events:
-        raise RuntimeError(f"the balancer changed the stream: {via_lb} events vs {events} direct")
+    targets = {"direct": (upstream_url, None), "balancer": (lb_url, lb)}
     runs: list[Run] = []
     for scenario, connections, data in scenarios:
         for target, (base, proc) in targets.items():  # direct then balancer, back to back
             url = base + "/v1/completions"
             if config.warmup:
                 run_wrk(url, data, connections, config.warmup, config.threads)
-            lb0, w0 = cpu_seconds(proc), cpu_seconds(worker)
+            lb0, w0 = cpu_seconds(proc), cpu_seconds(upstream)
             result = run_wrk(url, data, connections, config.duration, config.threads)
             lb_cpu = cpu_seconds(proc) - lb0 if proc else None
-            runs.append(Run(target, scenario, connections, result, lb_cpu, cpu_seconds(worker) - w0))
+            runs.append(Run(target, scenario, connections, result, lb_cpu, cpu_seconds(upstream) - w0))
             print(f"  {scenario:<12} {target:<9} {result.requests_per_s:9.0f} req/s  "
                   f"p50 {result.p50_ms:.3f} ms  p99 {result.p99_ms:.3f} ms  errors {result.errors}",
                   file=sys.stderr, flush=True)
-    return runs, events
+    return runs
 
 
 def table(config: OverheadConfig, runs: Sequence[Run], events: int) -> str:
@@ -109,8 +114,8 @@ def table(config: OverheadConfig, runs: Sequence[Run], events: int) -> str:
     rows: list[list[object]] = []
     for scenario, label in (("c1", "concurrency 1"), (hi, f"concurrency {config.high_concurrency}")):
         d, b = get("direct", scenario).result, get("balancer", scenario).result
-        rows.append([f"latency p50, {label} (ms)", d.p50_ms, b.p50_ms, f"+{b.p50_ms - d.p50_ms:.3f} ms"])
-        rows.append([f"latency p99, {label} (ms)", d.p99_ms, b.p99_ms, f"+{b.p99_ms - d.p99_ms:.3f} ms"])
+        rows.append([f"latency p50, {label} (ms)", d.p50_ms, b.p50_ms, f"{b.p50_ms - d.p50_ms:+.3f} ms"])
+        rows.append([f"latency p99, {label} (ms)", d.p99_ms, b.p99_ms, f"{b.p99_ms - d.p99_ms:+.3f} ms"])
     d, b = get("direct", hi).result, get("balancer", hi).result
     rows.append([f"req/s, concurrency {config.high_concurrency}", round(d.requests_per_s),
                  round(b.requests_per_s), f"{b.requests_per_s / d.requests_per_s:.2f}x"])
@@ -118,13 +123,53 @@ def table(config: OverheadConfig, runs: Sequence[Run], events: int) -> str:
     rows.append([f"SSE events/s, concurrency {config.high_concurrency}", round(ds.requests_per_s * events),
                  round(bs.requests_per_s * events), f"{bs.requests_per_s / ds.requests_per_s:.2f}x"])
     for scenario in ("c1", hi, hi + "-stream"):
-        run = get("balancer", scenario)
-        if run.lb_cpu_s is not None and run.result.requests:
-            rows.append([f"balancer CPU per request, {scenario} (us)", "-",
+        direct, run = get("direct", scenario), get("balancer", scenario)
+        if run.lb_cpu_s is not None and run.result.requests and direct.result.requests:
+            rows.append([f"CPU per request, {scenario} (us): upstream direct / balancer",
+                         round(direct.worker_cpu_s / direct.result.requests * 1e6),
                          round(run.lb_cpu_s / run.result.requests * 1e6), ""])
     errors = sum(r.result.errors for r in runs)
     text = markdown_table(["figure", "direct", "via balancer", "added / ratio"], rows)
     return text + f"\n\nwrk errors (connect, read, write, non-2xx, timeout) over all runs: {errors}."
+
+
+def start_upstream(kind: str, config: OverheadConfig, log_dir: Path) -> tuple[Process, str]:
+    port = free_port()
+    if kind == "stub":
+        args = [sys.executable, "-m", "bench.stub_worker", "--port", str(port)]
+    else:
+        spec = WorkerSpec(batch_size=config.worker_batch_size, extra_args=("--max-wait-time", "0"))
+        args = spec.args(port, "fake-model")
+    proc = Process(args, log_dir / f"{kind}.log", kind)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_ready(url + "/health")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, url
+
+
+def measure_upstream(kind: str, config: OverheadConfig, log_dir: Path) -> tuple[list[Run], int]:
+    upstream, upstream_url = start_upstream(kind, config, log_dir)
+    try:
+        lb, lb_url = start_balancer([upstream_url], "round_robin", log_dir / f"lb-{kind}.log")
+        try:
+            events = sse_events(upstream_url + "/v1/completions", body(config.stream_tokens, True))
+            via_lb = sse_events(lb_url + "/v1/completions", body(config.stream_tokens, True))
+            if via_lb != events:
+                raise RuntimeError(f"the balancer changed the stream: {via_lb} events vs {events} direct")
+            return measure(config, upstream, upstream_url, lb, lb_url), events
+        finally:
+            lb.stop()
+    finally:
+        upstream.stop()
+
+
+UPSTREAM_TEXT = {
+    "fake": "a worker with the fake engine, no simulated latency, batch {batch}, no batching wait",
+    "stub": "`bench.stub_worker`, a bare asyncio server with canned answers (isolates the balancer's cost)",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,29 +183,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     ensure_wrk()
     log_dir = Path(tempfile.mkdtemp(prefix="ib-overhead-"))
-    spec = ClusterSpec(
-        workers=(WorkerSpec(batch_size=config.worker_batch_size, extra_args=("--max-wait-time", "0")),),
-        with_balancer=False, log_dir=log_dir,
-    )
-    with LocalCluster(spec) as cluster:
-        lb, cluster.lb_url = start_balancer(cluster.worker_urls, "round_robin", log_dir / "lb.log")
-        try:
-            time.sleep(0.5)
-            runs, events = measure(config, cluster, lb)
-        finally:
-            lb.stop()
-    text = table(config, runs, events)
+    parts: list[str] = []
+    all_runs: dict[str, list[dict[str, Any]]] = {}
+    for kind in config.upstream:
+        print(f"upstream {kind}:", file=sys.stderr, flush=True)
+        runs, events = measure_upstream(kind, config, log_dir)
+        all_runs[kind] = [asdict(r) for r in runs]
+        described = UPSTREAM_TEXT[kind].format(batch=config.worker_batch_size)
+        parts.append(f"**upstream `{kind}`**: {described}; {events} SSE events per streamed response.\n\n"
+                     + table(config, runs, events))
+    text = "\n\n".join(parts)
     print(text)
     if config.json:
-        Path(config.json).write_text(json.dumps([asdict(r) for r in runs], indent=2) + "\n")
+        Path(config.json).write_text(json.dumps(all_runs, indent=2) + "\n")
     if config.results:
         setup = (
-            f"One fake worker (no simulated latency, batch {config.worker_batch_size}, no batching wait); "
             f"wrk with {config.threads} thread(s), {config.duration:g} s per run after {config.warmup:g} s "
-            "warm-up, "
-            f"direct and via the balancer back to back; non-streamed requests of {config.max_tokens} tokens, "
-            f"streamed ones of {config.stream_tokens} tokens ({events} SSE events each). wrk, balancer and "
-            "worker share the machine's cores, so the ratios include that contention."
+            f"of warm-up, direct and via the balancer (round_robin, one upstream) back to back; non-streamed "
+            f"requests of {config.max_tokens} tokens, streamed ones of {config.stream_tokens} tokens. wrk, "
+            "balancer and upstream share the machine's 2 cores (and other jobs), so every figure includes "
+            "that contention; compare within a table."
         )
         write_section("overhead", "Balancer overhead (wrk)", f"{setup}\n\n{text}",
                       command_line(argv, "bench.overhead"))

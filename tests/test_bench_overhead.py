@@ -31,7 +31,8 @@ def test_overhead_reports_every_scenario_for_both_targets(tmp_path: Path) -> Non
         capture_output=True, text=True, env=child_env(), cwd=REPO_ROOT, timeout=180, check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    runs = json.loads(out.read_text())
+    runs = [run for kind in ("fake", "stub") for run in json.loads(out.read_text())[kind]]
+    assert len(runs) == 12
     assert {(r["target"], r["scenario"]) for r in runs} == {
         (t, s) for t in ("direct", "balancer") for s in ("c1", "c8", "c8-stream")
     }
@@ -39,5 +40,6 @@ def test_overhead_reports_every_scenario_for_both_targets(tmp_path: Path) -> Non
         assert run["result"]["errors"] == 0, run
         assert run["result"]["requests"] > 0
         assert (run["lb_cpu_s"] is None) == (run["target"] == "direct")
+    assert "**upstream `fake`**" in proc.stdout and "**upstream `stub`**" in proc.stdout
     assert "| req/s, concurrency 8 |" in proc.stdout
     assert "| SSE events/s, concurrency 8 |" in proc.stdout
