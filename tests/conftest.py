@@ -67,6 +67,62 @@ async def sdk_for() -> AsyncIterator[Callable[..., Any]]:
         await sdk.close()
 
 
+@pytest_asyncio.fixture(loop_scope="function")
+async def upstreams() -> AsyncIterator[Callable[..., Any]]:
+    """`await upstreams(model)`: a scriptable in-process upstream (lb_upstream.py), stopped at the end."""
+    from tests.lb_upstream import Upstream
+
+    started: list[Upstream] = []
+
+    async def _start(model: str = "tiny") -> Upstream:
+        upstream = await Upstream(model).start()
+        started.append(upstream)
+        return upstream
+
+    yield _start
+    for upstream in started:
+        await upstream.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def balancer() -> AsyncIterator[Any]:
+    """`await balancer(workers, **settings)`: lb.create_app served in-process; returns its URL."""
+    from aiohttp import web
+
+    from lb.app import create_app
+    from lb.config import BalancerConfig
+    from lb.settings import from_mapping
+
+    runners: list[web.AppRunner] = []
+    apps: list[web.Application] = []
+
+    async def _start(workers: list[Any], **settings: Any) -> str:
+        urls = [w if isinstance(w, str) else w.url for w in workers]
+        values = {"workers": urls, "health_check_interval": 0.2, "health_check_timeout": 0.5, **settings}
+        app = create_app(from_mapping(BalancerConfig, values))
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        apps.append(app)
+        return f"http://127.0.0.1:{port}"
+
+    _start.apps = apps  # type: ignore[attr-defined]
+    yield _start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def http() -> AsyncIterator[Any]:
+    """A plain aiohttp client session for raw HTTP checks."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
 __all__ = ["SpawnFn", "free_port", "python_module"]
 
 

@@ -10,6 +10,7 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from tests.processes import free_port
@@ -103,3 +104,17 @@ class Upstream:
             raise
         self.finished += 1
         return resp
+
+
+def chat(stream: bool = False, **extra: Any) -> dict[str, Any]:
+    """A chat completion body for the upstream; `hold`, `die_after` script its stream."""
+    return {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": stream, **extra}
+
+
+def both_loops(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """`event_loop_policy` for proxy tests: run on asyncio and on uvloop, whose transports differ."""
+    if request.param == "uvloop":
+        import uvloop
+
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
