@@ -8,7 +8,9 @@ translated by `scripts.seed_yaml`: `backend`, `model`, `port`, `output_dir`, `en
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -18,6 +20,7 @@ from typing import Any
 
 from lb.settings import ConfigError, build_parser, coerce, coerce_mapping, flag_name, from_mapping, read_yaml
 from lb.settings import setting as s
+from scripts.seed_yaml import translate
 
 ENGINES = ("hf", "fake", "vllm", "sglang")
 POLICIES = ("round_robin", "least_connections", "power_of_two")
@@ -170,8 +173,6 @@ class ClusterConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> ClusterConfig:
         """A YAML file (flat keys or the seed format), then keyword overrides (field names)."""
-        from scripts.seed_yaml import translate
-
         values = coerce_mapping(cls, translate(read_yaml(path), f"config file {path}"), f"config file {path}")
         values.update(coerce_mapping(cls, overrides, "arguments"))
         return from_mapping(cls, values)
@@ -193,9 +194,6 @@ CPU workers get CUDA_VISIBLE_DEVICES set to the empty string, so they never touc
 def load_cluster_config(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None,
                         prog: str = "start_multi_gpu_server.sh") -> ClusterConfig:
     """Parse the launcher's command line (exits with usage on --help or a bad flag)."""
-    import os
-    import sys
-
     args = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in args:
@@ -207,8 +205,6 @@ def load_cluster_config(argv: Sequence[str] | None, environ: Mapping[str, str] |
     config_path = parsed.pop("config", None)
     if config_path:
         source = f"config file {config_path}"
-        from scripts.seed_yaml import translate
-
         merged.update(coerce_mapping(ClusterConfig, translate(read_yaml(config_path), source), source))
     env = os.environ if environ is None else environ
     hints = typing.get_type_hints(ClusterConfig)
