@@ -143,3 +143,19 @@ def test_bad_flags_exit_2_naming_the_setting(flags: list[str], message: str) -> 
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+async def test_sigterm_while_loading_exits_zero(tmp_path: Path) -> None:
+    with running_worker(tmp_path, "--fake-load-latency", "2", wait_ready=False) as w:
+        await wait_for(lambda: "listening on" in w.proc.log_tail(), limit=30)
+        w.proc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(w.proc.popen.wait, 30) == 0
+
+
+def test_engine_that_fails_to_load_exits_1_saying_why(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with running_worker(tmp_path, "--engine", "hf", "--model-path", str(missing), wait_ready=False) as w:
+        assert w.proc.popen.wait(timeout=120) == 1
+        log = w.proc.log_tail(80)
+    assert "loading the engine failed" in log
+    assert "the engine could not be loaded" in log

@@ -126,6 +126,8 @@ class DynamicBatcher:
     async def close(self, join_limit: float = 10.0) -> None:
         """Stop accepting, fail the queued, cut the running off at their next step, join the thread."""
         self.accepting = False
+        if self._stopping:
+            return  # already closed (the drain and the app's cleanup both call this)
         with self._lock:
             self._stopping = True
             dropped = [e.submission for e in self._queue] + list(self._running.values())
