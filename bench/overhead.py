@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from bench.cluster import Process, WorkerSpec, free_port, start_balancer
+from bench.profile import self_time, start_recording
 from bench.results import command_line, markdown_table, write_section
 from bench.wrk import WrkResult, ensure_wrk, run_wrk
 from lb.settings import ConfigError, load_config, setting
@@ -38,6 +39,9 @@ class OverheadConfig:
     threads: int = setting(1, "wrk threads (one keeps wrk to one of the two cores)")
     upstream: tuple[str, ...] = setting(
         ("fake", "stub"), "upstreams to measure: fake (worker, fake engine) and/or stub (bench.stub_worker)"
+    )
+    py_spy: str | None = setting(
+        None, "a py-spy binary: profile the balancer during the high-concurrency runs (bench/profile.py)"
     )
     results: bool = setting(True, "write the table to bench/RESULTS.md")
     json: str | None = setting(None, "write every run to this JSON file")
@@ -58,6 +62,7 @@ class Run:
     result: WrkResult
     lb_cpu_s: float | None  # balancer CPU seconds during the run
     worker_cpu_s: float  # upstream CPU seconds during the run
+    profile: list[tuple[float, str]] | None = None  # balancer self time by function (share of samples)
 
 
 def body(tokens: int, stream: bool) -> bytes:
@@ -96,10 +101,18 @@ def measure(
             url = base + "/v1/completions"
             if config.warmup:
                 run_wrk(url, data, connections, config.warmup, config.threads)
+            recorder = None
+            raw = Path(tempfile.mkdtemp(prefix="ib-pyspy-")) / "stacks.txt"
+            if config.py_spy and proc is not None and connections > 1:
+                recorder = start_recording(config.py_spy, proc.pid, config.duration - 1, raw)
             lb0, w0 = cpu_seconds(proc), cpu_seconds(upstream)
             result = run_wrk(url, data, connections, config.duration, config.threads)
             lb_cpu = cpu_seconds(proc) - lb0 if proc else None
-            runs.append(Run(target, scenario, connections, result, lb_cpu, cpu_seconds(upstream) - w0))
+            run = Run(target, scenario, connections, result, lb_cpu, cpu_seconds(upstream) - w0)
+            if recorder is not None:
+                recorder.wait(timeout=60)
+                run.profile = self_time(raw)[1] if raw.exists() else None
+            runs.append(run)
             print(f"  {scenario:<12} {target:<9} {result.requests_per_s:9.0f} req/s  "
                   f"p50 {result.p50_ms:.3f} ms  p99 {result.p99_ms:.3f} ms  errors {result.errors}",
                   file=sys.stderr, flush=True)
@@ -130,7 +143,12 @@ def table(config: OverheadConfig, runs: Sequence[Run], events: int) -> str:
                          round(run.lb_cpu_s / run.result.requests * 1e6), ""])
     errors = sum(r.result.errors for r in runs)
     text = markdown_table(["figure", "direct", "via balancer", "added / ratio"], rows)
-    return text + f"\n\nwrk errors (connect, read, write, non-2xx, timeout) over all runs: {errors}."
+    text += f"\n\nwrk errors (connect, read, write, non-2xx, timeout) over all runs: {errors}."
+    for run in runs:
+        if run.profile:
+            top = "; ".join(f"{share:.0%} {frame}" for share, frame in run.profile[:8])
+            text += f"\n\nBalancer self time (py-spy), {run.scenario}: {top}."
+    return text
 
 
 def start_upstream(kind: str, config: OverheadConfig, log_dir: Path) -> tuple[Process, str]:
