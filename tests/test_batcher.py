@@ -49,6 +49,9 @@ class RecordingEngine(FakeEngine):
                 raise RuntimeError("boom")
 
 
+MakeBatcher = Callable[..., DynamicBatcher]
+
+
 def request(rid: str, max_new_tokens: int = 4, prompt: str = "hello there") -> EngineRequest:
     return EngineRequest(rid, prompt, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
                                                      ignore_eos=True))
@@ -96,7 +99,9 @@ async def start(batcher: DynamicBatcher, closing: list[DynamicBatcher]) -> Dynam
     return batcher
 
 
-async def test_concurrent_requests_form_batches_up_to_batch_size(make_batcher, closing) -> None:
+async def test_concurrent_requests_form_batches_up_to_batch_size(
+    make_batcher: MakeBatcher, closing: list[DynamicBatcher]
+) -> None:
     engine = RecordingEngine(max_num_seqs=0)  # never admits: every request goes through batch formation
     batcher = await start(make_batcher(engine, batch_size=4, max_wait_time=0.5), closing)
     results = await asyncio.gather(*(collect(batcher, request(f"r{i}")) for i in range(10)))
@@ -106,7 +111,9 @@ async def test_concurrent_requests_form_batches_up_to_batch_size(make_batcher, c
         assert events[-1].finish_reason == "length"
 
 
-async def test_lone_request_starts_after_max_wait_time(make_batcher, closing) -> None:
+async def test_lone_request_starts_after_max_wait_time(
+    make_batcher: MakeBatcher, closing: list[DynamicBatcher]
+) -> None:
     engine = RecordingEngine()
     batcher = await start(make_batcher(engine, batch_size=8, max_wait_time=0.05), closing)
     events = await asyncio.wait_for(collect(batcher, request("only")), timeout=5)
@@ -114,7 +121,9 @@ async def test_lone_request_starts_after_max_wait_time(make_batcher, closing) ->
     assert events[-1].finished
 
 
-async def test_engine_and_tokeniser_run_off_the_event_loop(make_batcher, closing) -> None:
+async def test_engine_and_tokeniser_run_off_the_event_loop(
+    make_batcher: MakeBatcher, closing: list[DynamicBatcher]
+) -> None:
     engine = RecordingEngine()
     batcher = await start(make_batcher(engine), closing)
     await collect(batcher, request("a"))
@@ -122,7 +131,9 @@ async def test_engine_and_tokeniser_run_off_the_event_loop(make_batcher, closing
     assert engine.threads == {"prepare:prepare_0", "generate:engine"}
 
 
-async def test_queued_requests_are_admitted_into_a_running_batch(make_batcher, closing) -> None:
+async def test_queued_requests_are_admitted_into_a_running_batch(
+    make_batcher: MakeBatcher, closing: list[DynamicBatcher]
+) -> None:
     engine = RecordingEngine(step_latency=0.01, max_num_seqs=4)
     metrics = WorkerMetrics("fake-model")
     batcher = await start(make_batcher(engine, batch_size=4, metrics=metrics), closing)
@@ -137,7 +148,9 @@ async def test_queued_requests_are_admitted_into_a_running_batch(make_batcher, c
     assert metrics.admitted.labels("fake-model")._value.get() == 2
 
 
-async def test_cancelled_running_request_leaves_the_batch_and_frees_its_slot(make_batcher, closing) -> None:
+async def test_cancelled_running_request_leaves_the_batch_and_frees_its_slot(
+    make_batcher: MakeBatcher, closing: list[DynamicBatcher]
+) -> None:
     engine = RecordingEngine(step_latency=0.01)
     batcher = await start(make_batcher(engine), closing)
     async with batcher.submit([request("endless", max_new_tokens=3000)]) as submission:
@@ -150,7 +163,9 @@ async def test_cancelled_running_request_leaves_the_batch_and_frees_its_slot(mak
     assert batcher.is_idle
 
 
-async def test_cancelled_queued_request_leaves_the_queue(make_batcher, closing) -> None:
+async def test_cancelled_queued_request_leaves_the_queue(
+    make_batcher: MakeBatcher, closing: list[DynamicBatcher]
+) -> None:
     engine = RecordingEngine(step_latency=0.01, max_num_seqs=0)
     batcher = await start(make_batcher(engine, batch_size=1), closing)
     running = asyncio.create_task(collect(batcher, request("first", 50)))
@@ -163,7 +178,7 @@ async def test_cancelled_queued_request_leaves_the_queue(make_batcher, closing) 
 
 
 async def test_engine_exception_fails_every_request_of_its_batch_and_serving_continues(
-    make_batcher, closing
+    make_batcher: MakeBatcher, closing: list[DynamicBatcher]
 ) -> None:
     engine = RecordingEngine(fail_after_steps=1, max_num_seqs=0)
     batcher = await start(make_batcher(engine, batch_size=3, max_wait_time=0.5), closing)
@@ -174,7 +189,9 @@ async def test_engine_exception_fails_every_request_of_its_batch_and_serving_con
     assert (await collect(batcher, request("after")))[-1].finished
 
 
-async def test_full_queue_refuses_before_any_work(make_batcher, closing) -> None:
+async def test_full_queue_refuses_before_any_work(
+    make_batcher: MakeBatcher, closing: list[DynamicBatcher]
+) -> None:
     engine = RecordingEngine(step_latency=0.01, max_num_seqs=0)
     batcher = await start(make_batcher(engine, batch_size=1, max_queue=2), closing)
     first = asyncio.create_task(collect(batcher, request("running", 100)))
@@ -189,7 +206,9 @@ async def test_full_queue_refuses_before_any_work(make_batcher, closing) -> None
     await asyncio.gather(first, *waiting, return_exceptions=True)
 
 
-async def test_prompt_too_long_is_refused_before_queueing(make_batcher, closing) -> None:
+async def test_prompt_too_long_is_refused_before_queueing(
+    make_batcher: MakeBatcher, closing: list[DynamicBatcher]
+) -> None:
     engine = RecordingEngine(max_model_len=16)
     batcher = await start(make_batcher(engine), closing)
     with pytest.raises(PromptTooLongError):
@@ -200,7 +219,9 @@ async def test_prompt_too_long_is_refused_before_queueing(make_batcher, closing)
     assert batcher.queue_depth == 0
 
 
-async def test_fill_context_generates_up_to_the_end_of_the_context(make_batcher, closing) -> None:
+async def test_fill_context_generates_up_to_the_end_of_the_context(
+    make_batcher: MakeBatcher, closing: list[DynamicBatcher]
+) -> None:
     engine = RecordingEngine(max_model_len=12)
     batcher = await start(make_batcher(engine), closing)
     fill = request("fill", max_new_tokens=1, prompt="a b c d")
@@ -210,7 +231,9 @@ async def test_fill_context_generates_up_to_the_end_of_the_context(make_batcher,
     assert events[-1].finish_reason == "length"
 
 
-async def test_n_requests_of_one_submission_share_its_stream(make_batcher, closing) -> None:
+async def test_n_requests_of_one_submission_share_its_stream(
+    make_batcher: MakeBatcher, closing: list[DynamicBatcher]
+) -> None:
     engine = RecordingEngine()
     batcher = await start(make_batcher(engine), closing)
     events = await collect(batcher, request("a", 2), request("b", 5))
@@ -218,7 +241,7 @@ async def test_n_requests_of_one_submission_share_its_stream(make_batcher, closi
     assert sum(e.num_tokens for e in events) == 7
 
 
-async def test_close_fails_queued_requests_and_stops_the_engine_thread(make_batcher) -> None:
+async def test_close_fails_queued_requests_and_stops_the_engine_thread(make_batcher: MakeBatcher) -> None:
     engine = RecordingEngine(step_latency=0.01, max_num_seqs=0)
     batcher = make_batcher(engine, batch_size=1)
     await batcher.start()

@@ -11,6 +11,7 @@ import aiohttp
 import openai
 import pytest
 import pytest_asyncio
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.worker_process import Worker, running_worker
 from workers.engines.fake import fake_eos_position
@@ -76,11 +77,12 @@ async def test_chat_accepts_text_parts_and_max_completion_tokens(client: openai.
 
 
 async def test_streamed_chat_equals_unstreamed_and_reports_usage(client: openai.AsyncOpenAI) -> None:
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "stream me"}]
-    whole = await client.chat.completions.create(model="tiny-fake", messages=messages,  # type: ignore[arg-type]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "stream me"}]
+    whole = await client.chat.completions.create(model="tiny-fake", messages=messages,
                                                  max_tokens=12, temperature=0)
     stream = await client.chat.completions.create(
-        model="tiny-fake", messages=messages, max_tokens=12, temperature=0, stream=True,  # type: ignore[arg-type]
+        model="tiny-fake", messages=messages, max_tokens=12, temperature=0, stream=True,
         stream_options={"include_usage": True})
     pieces, finish, usage = [], None, None
     async for chunk in stream:

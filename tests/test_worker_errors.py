@@ -17,7 +17,7 @@ from tests.worker_process import Worker, running_worker
 MAX_MODEL_LEN = 64
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
-GOOD_CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+GOOD_CHAT: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 GOOD_COMPLETION = {"prompt": "hi", "max_tokens": 2}
 
 
@@ -42,7 +42,7 @@ async def post(worker: Worker, path: str, body: Any) -> tuple[int, dict[str, Any
 
 
 # (path, body, status, param, code): one row per rule of the bad-input list, plus our own limits
-BAD_INPUT = [
+BAD_INPUT: list[tuple[str, Any, int, str | None, str | None]] = [
     (COMPLETIONS, b"{not json", 400, None, None),
     (COMPLETIONS, b"[1, 2]", 400, None, None),
     (COMPLETIONS, {"max_tokens": 2}, 400, "prompt", None),
