@@ -109,6 +109,16 @@ def stop_all(processes: Sequence[Process], timeout: float = 10.0) -> None:
         proc.stop(max(0.0, deadline - time.monotonic()))
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so `with LocalCluster(...)` and `finally` blocks stop what was started
+    (a background job cannot be interrupted with SIGINT: non-interactive shells ignore it for `&` jobs)."""
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def start_balancer(
     worker_urls: Sequence[str],
     policy: str,

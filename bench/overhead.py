@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from bench.cluster import Process, WorkerSpec, free_port, start_balancer
+from bench.cluster import Process, WorkerSpec, exit_on_sigterm, free_port, start_balancer
 from bench.profile import self_time, start_recording
 from bench.results import command_line, markdown_table, write_section
 from bench.wrk import WrkResult, ensure_wrk, run_wrk
@@ -200,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ensure_wrk()
+    exit_on_sigterm()
     log_dir = Path(tempfile.mkdtemp(prefix="ib-overhead-"))
     parts: list[str] = []
     all_runs: dict[str, list[dict[str, Any]]] = {}

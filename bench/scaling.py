@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 
 from bench.client import LoadRun, LoadSpec, run_load
-from bench.cluster import ClusterSpec, LocalCluster, WorkerSpec, start_balancer
+from bench.cluster import ClusterSpec, LocalCluster, WorkerSpec, exit_on_sigterm, start_balancer
 from bench.distribution import distribution, fetch_stats
 from bench.plots import plot_lines
 from bench.results import RESULTS_PATH, command_line, markdown_table, write_section
@@ -181,8 +181,8 @@ def tables(config: ScalingConfig, points: Sequence[Point]) -> str:
     parts: list[str] = []
     for policy in config.policy:
         rows = [
-            [p.workers, round(p.tokens_per_s, 1), round(p.requests_per_s, 2), round(p.speedup, 2),
-             round(p.efficiency, 3), p.concurrency, p.errors, f"{p.lb_cpu_percent:.0f}%",
+            [p.workers, f"{p.tokens_per_s:.1f}", f"{p.requests_per_s:.2f}", f"{p.speedup:.2f}",
+             f"{p.efficiency:.3f}", p.concurrency, p.errors, f"{p.lb_cpu_percent:.0f}%",
              f"{p.machine_cpu_percent:.0f}%", "/".join(map(str, p.per_worker))]
             for p in points if p.policy == policy
         ]
@@ -194,8 +194,12 @@ def tables(config: ScalingConfig, points: Sequence[Point]) -> str:
         rows = []
         for n in config.counts:
             base = next(p for p in points if p.policy == first and p.workers == n)
-            rows.append([n, *(round(next(p for p in points if p.policy == o and p.workers == n).tokens_per_s
-                                    / max(base.tokens_per_s, 1e-9), 3) for o in others)])
+            ratios = [
+                next(p for p in points if p.policy == o and p.workers == n).tokens_per_s
+                / max(base.tokens_per_s, 1e-9)
+                for o in others
+            ]
+            rows.append([n, *(f"{r:.3f}" for r in ratios)])
         parts.append(f"**throughput relative to {first}**\n\n" + markdown_table(["workers", *others], rows))
     return "\n\n".join(parts)
 
@@ -209,7 +213,10 @@ def setup_text(config: ScalingConfig) -> str:
         f"{config.max_tokens} output tokens ({'streamed' if config.stream else 'not streamed'}); closed loop "
         f"with N x {config.batch_size} x {config.load_factor} requests in flight; throughput counted over "
         f"{config.measure:.0f} s after {config.warmup:.0f} s of warm-up. One saturated fast worker would "
-        f"make {config.ideal_tokens_per_s(0):.0f} tok/s under this model.{slow}"
+        f"make {config.ideal_tokens_per_s(0):.0f} tok/s under this model.{slow} The latencies are chosen so "
+        "the run is bound by the simulated GPUs, not by the 2 real cores (long steps, many tokens per "
+        "request, a moderate request rate): the balancer's CPU column stays at a few % of one core. "
+        "'machine CPU' is the whole machine, including other jobs that shared it during the run."
     )
 
 
@@ -222,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    exit_on_sigterm()
     log_dir = Path(config.log_dir or tempfile.mkdtemp(prefix="ib-scaling-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     print(setup_text(config), file=sys.stderr)
