@@ -13,11 +13,11 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 
-from workers.batcher import Submission
 from workers.engines.base import EngineRequest, PromptTooLongError, TokenEvent
 from workers.errors import ContextLengthExceeded
 from workers.protocol import GenerationRequest
 from workers.state import WorkerState
+from workers.submission import Submission
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from workers.engines.base import SamplingParams
 from workers.errors import InvalidRequest, ModelNotFound, UnsupportedParameter
+from workers.fields import Fields
 
 Endpoint = Literal["completions", "chat", "generate"]
 MAX_N = 64  # samples per request; each is one engine request
@@ -75,7 +76,7 @@ def parse_request(
 ) -> GenerationRequest:
     """Validate `body` for `endpoint` against the served `model` name and the context length."""
     _check_keys(endpoint, body)
-    fields = _Fields(body)
+    fields = Fields(body)
     requested_model = fields.string("model", None)
     if requested_model is not None and requested_model != model:
         raise ModelNotFound(f"the model {requested_model!r} does not exist; this worker serves {model!r}",
@@ -105,7 +106,7 @@ def parse_request(
     if stream_options.get("continuous_usage_stats"):
         raise UnsupportedParameter("stream_options.continuous_usage_stats is not supported",
                                    param="stream_options")
-    include_usage = _Fields(stream_options, "stream_options.").boolean("include_usage", False)
+    include_usage = Fields(stream_options, "stream_options.").boolean("include_usage", False)
     return GenerationRequest(
         endpoint=endpoint, prompt=prompt, messages=messages,
         params=_sampling(fields, max_tokens or 1, greedy=False),
@@ -114,7 +115,7 @@ def parse_request(
     )
 
 
-def _parse_generate(fields: _Fields, max_model_len: int) -> GenerationRequest:
+def _parse_generate(fields: Fields, max_model_len: int) -> GenerationRequest:
     """The native endpoint: HF `generate` semantics, so sampling happens only with do_sample true."""
     prompt = _parse_prompt(fields.body)
     max_tokens = fields.integer("max_new_tokens", SamplingParams.max_new_tokens, minimum=1)
@@ -128,7 +129,7 @@ def _parse_generate(fields: _Fields, max_model_len: int) -> GenerationRequest:
     )
 
 
-def _sampling(fields: _Fields, max_new_tokens: int, *, greedy: bool) -> SamplingParams:
+def _sampling(fields: Fields, max_new_tokens: int, *, greedy: bool) -> SamplingParams:
     top_k = fields.integer("top_k", 0, minimum=-1)
     temperature = fields.number("temperature", SamplingParams.temperature, minimum=0.0)
     return SamplingParams(
@@ -239,63 +240,3 @@ def _parse_stop(stop: Any) -> tuple[str, ...]:
     if len(items) > MAX_STOP_STRINGS:
         raise InvalidRequest(f"stop may hold at most {MAX_STOP_STRINGS} strings", param="stop")
     return tuple(s for s in items if s)
-
-
-class _Fields:
-    """Typed, range-checked reads of optional fields; every failure is a 400 naming the field."""
-
-    def __init__(self, body: dict[str, Any], prefix: str = "") -> None:
-        self.body = body
-        self.prefix = prefix
-
-    def _get(self, key: str) -> Any:
-        return self.body.get(key)
-
-    def _bad(self, key: str, what: str) -> InvalidRequest:
-        return InvalidRequest(f"{self.prefix}{key} must be {what}, got {json.dumps(self._get(key))}",
-                              param=self.prefix + key)
-
-    def string(self, key: str, default: str | None) -> str | None:
-        value = self._get(key)
-        if value is None:
-            return default
-        if not isinstance(value, str):
-            raise self._bad(key, "a string")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self._get(key)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self._bad(key, "true or false")
-        return value
-
-    def integer(
-        self, key: str, default: Any, *, minimum: int | None = None, maximum: int | None = None
-    ) -> Any:
-        value = self._get(key)
-        if value is None:
-            return default
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise self._bad(key, "an integer")
-        if minimum is not None and value < minimum:
-            raise self._bad(key, f"at least {minimum}")
-        if maximum is not None and value > maximum:
-            raise self._bad(key, f"at most {maximum}")
-        return value
-
-    def number(self, key: str, default: float, *, minimum: float, maximum: float | None = None,
-               exclusive_minimum: bool = False) -> float:
-        value = self._get(key)
-        if value is None:
-            return default
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise self._bad(key, "a number")
-        if value < minimum or (exclusive_minimum and value == minimum):
-            raise self._bad(key, f"{'greater than' if exclusive_minimum else 'at least'} {minimum}")
-        if maximum is not None and value > maximum:
-            raise self._bad(key, f"at most {maximum}")
-        return float(value)
