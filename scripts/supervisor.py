@@ -2,7 +2,8 @@
 
 The supervisor is the launcher's heartbeat: every interval it probes each child's health URL, reports
 transitions (healthy → unhealthy → healthy), and restarts a child that exited with exponential backoff
-(1, 2, 4 ... s up to a cap; reset once the child stayed healthy for `STABLE_AFTER_S`). The balancer notices a
+(1, 2, 4 ... s up to a cap; reset once the child stayed healthy for `STABLE_AFTER_S`). Exits are polled
+every `EXIT_POLL_S`, faster than health probes, so a crash is noticed at once. The balancer notices a
 restarted worker by itself: its URL is unchanged, so its own health checks re-add it.
 """
 
@@ -26,6 +27,7 @@ from scripts.process_group import signal_group, snapshot, stop_groups
 log = logging.getLogger("scripts.supervisor")
 STABLE_AFTER_S = 30.0  # a child healthy this long has its restart backoff reset
 PROBE_TIMEOUT_S = 2.0
+EXIT_POLL_S = 0.25  # exits are noticed (and due restarts made) this often; probes run every `interval`
 
 
 def http_ok(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
@@ -141,17 +143,23 @@ class Supervisor(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout=self.interval + 2 * PROBE_TIMEOUT_S * (len(self.children) + 1))
+            self.join(timeout=EXIT_POLL_S + 2 * PROBE_TIMEOUT_S * (len(self.children) + 1))
 
     def run(self) -> None:
+        next_probe = 0.0
         while not self._stop_event.is_set():
+            now = time.monotonic()
+            probe = now >= next_probe
+            if probe:
+                next_probe = now + self.interval
             try:
-                self._tick()
+                self._tick(probe)
             except Exception:  # the thread's outer edge: log and keep watching
                 log.exception("supervisor tick failed")
-            self._stop_event.wait(self.interval)
+            self._stop_event.wait(EXIT_POLL_S)
 
-    def _tick(self) -> None:
+    def _tick(self, probe: bool) -> None:
+        """Exits and due restarts every EXIT_POLL_S; health probes only when `probe` (every interval)."""
         outside = self.run_file is not None and not self.run_file.exists()
         if outside and not self.stopped_from_outside.is_set():
             self.report(f"{self.run_file} was removed (scripts/stop.sh): no more restarts")
@@ -162,6 +170,8 @@ class Supervisor(threading.Thread):
             code = child.exit_code()
             if code is not None:
                 self._handle_exit(child, code)
+                continue
+            if not probe:
                 continue
             was_healthy = child.healthy
             if child.probe() != was_healthy:
