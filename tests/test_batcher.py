@@ -254,3 +254,19 @@ async def test_close_fails_queued_requests_and_stops_the_engine_thread(make_batc
         await queued
     running.cancel()
     await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_a_dead_engine_thread_fails_waiting_requests_and_reports_itself(
+    make_batcher: MakeBatcher, closing: list[DynamicBatcher]
+) -> None:
+    engine = RecordingEngine(step_latency=0.01, max_num_seqs=0)
+    batcher = await start(make_batcher(engine, batch_size=1), closing)
+
+    def broken_run_batch(batch: object) -> None:
+        raise RuntimeError("bug in the batcher")
+
+    batcher._run_batch = broken_run_batch  # type: ignore[method-assign]
+    with pytest.raises(EngineFailed):
+        await asyncio.wait_for(collect(batcher, request("doomed")), timeout=5)
+    assert batcher.failure is not None and "bug in the batcher" in batcher.failure
+    assert not batcher.accepting

@@ -11,6 +11,8 @@ from workers.state import STATE
 async def health(request: web.Request) -> web.Response:
     """200 with the worker's identity and load when serving; 503 (same body) while loading or draining."""
     state = request.app[STATE]
+    if state.batcher.failure and state.status == "ok":
+        state.status, state.error = "failed", state.batcher.failure
     loaded = state.status in ("ok", "draining")  # before loading, the engine may not know its model yet
     info = state.engine.info if loaded else None
     body = {

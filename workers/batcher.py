@@ -53,6 +53,7 @@ class DynamicBatcher:
         self.max_queue = max_queue
         self.metrics = metrics
         self.accepting = True
+        self.failure: str | None = None  # set if the engine thread died; /health then reports "failed"
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._queue: deque[_Entry] = deque()
@@ -100,14 +101,7 @@ class DynamicBatcher:
         self.accepting = False
         if self._stopping:
             return  # already closed (the drain and the app's cleanup both call this)
-        with self._lock:
-            self._stopping = True
-            dropped = [e.submission for e in self._queue] + list(self._running.values())
-            self._queue.clear()
-            self._cancelled.update(self._running)
-            self._running.clear()
-            self._wakeup.notify_all()
-        for submission in {id(s): s for s in dropped}.values():
+        for submission in self._drop_all():
             submission.put(NotReady("the worker is shutting down"))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, join_limit)
@@ -174,7 +168,7 @@ class DynamicBatcher:
         limit = self.engine.info.max_model_len
         previous: EngineRequest | None = None
         for request in requests:
-            if previous is not None and previous.prompt == request.prompt and not fill_context:
+            if previous is not None and previous.prompt == request.prompt:
                 request.prompt_token_ids = list(previous.prompt_token_ids)
             else:
                 self.engine.prepare(request)
@@ -196,8 +190,26 @@ class DynamicBatcher:
             self._call_soon(self._settle, loaded, exc)
             return
         self._call_soon(self._settle, loaded, None)
-        while (batch := self._next_batch()) is not None:
-            self._run_batch(batch)
+        try:
+            while (batch := self._next_batch()) is not None:
+                self._run_batch(batch)
+        except BaseException as exc:  # a bug of ours, not the engine's: stop serving loudly, never hang
+            log.exception("the engine thread died")
+            self.failure = f"engine thread died: {type(exc).__name__}: {exc}"
+            self.accepting = False
+            for submission in self._drop_all():
+                self._call_soon(submission.put, EngineFailed(self.failure))
+
+    def _drop_all(self) -> list[Submission]:
+        """Stop the engine loop; empty the queue and the running set; return their submissions, once each."""
+        with self._lock:
+            self._stopping = True
+            dropped = [e.submission for e in self._queue] + list(self._running.values())
+            self._queue.clear()
+            self._cancelled.update(self._running)
+            self._running.clear()
+            self._wakeup.notify_all()
+        return list({id(s): s for s in dropped}.values())
 
     def _next_batch(self) -> list[_Entry] | None:
         """Block until a batch is due: batch_size requests queued, or the oldest waited max_wait_time."""
