@@ -16,6 +16,8 @@ import urllib.request
 from collections.abc import Sequence
 from types import FrameType
 
+import psutil
+
 from lb.settings import ConfigError
 from scripts.cluster import LaunchError, LocalCluster
 from scripts.cluster_config import load_cluster_config
@@ -37,6 +39,17 @@ def served_model(url: str, api_key: str | None) -> str | None:
         return str(data["data"][0]["id"])
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
+
+
+def live_children() -> list[psutil.Process]:
+    alive = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive.append(child)
+        except psutil.Error:
+            continue  # exited between listing and asking
+    return alive
 
 
 def ready_banner(cluster: LocalCluster) -> str:
@@ -103,7 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             say("the run file was removed from outside: stopping")
             break
     report = cluster.stop()
-    return 0 if not report.left else 1
+    # The seed's debug check, always on: the launcher itself must have no child process left either.
+    children = live_children()
+    if children:
+        say(f"WARNING: child processes still running: {[c.pid for c in children]}")
+    else:
+        say("the launcher has no child process left")
+    return 0 if not report.left and not children else 1
 
 
 if __name__ == "__main__":

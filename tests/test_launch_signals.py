@@ -34,6 +34,7 @@ def test_ctrl_c_stops_balancer_and_workers_and_says_so(launch: Callable[..., Lau
     assert not alive
     out = cluster.output()
     assert out.index("stopping the balancer") < out.index("stopping 2 workers") < out.index("verified by pid")
+    assert "the launcher has no child process left" in out
     assert not cluster.record_path.exists()
 
 
