@@ -1,8 +1,8 @@
 """Fill a frozen config dataclass from defaults, a YAML file, environment variables and CLI flags.
 
-Each component (balancer, worker, cluster) declares its settings once, as a frozen dataclass whose fields carry
-their help text (`setting(...)`); this module derives the argparse CLI, the YAML keys and the environment
-variable names from it, so a default or a name is never written twice. Precedence, lowest first:
+Each component (balancer, worker, cluster) declares its settings once, as a frozen dataclass whose fields
+carry their help text (`setting(...)`); this module derives the argparse CLI, the YAML keys and the
+environment variable names from it, so a default or a name is never written twice. Precedence, lowest first:
 dataclass default < YAML (`--config FILE`) < environment (`PREFIX_FIELD_NAME`) < explicit CLI flag.
 
 This module is dependency-free apart from PyYAML and knows nothing of the balancer: `workers` imports it too
@@ -29,7 +29,9 @@ class ConfigError(ValueError):
     """A setting is unknown or has a bad value; the message names the key."""
 
 
-def setting(default: Any, help: str, *, choices: Sequence[str] | None = None, metavar: str | None = None) -> Any:
+def setting(
+    default: Any, help: str, *, choices: Sequence[str] | None = None, metavar: str | None = None
+) -> Any:
     """A dataclass field that also describes its CLI flag. Tuples are stored as immutable defaults."""
     metadata = {"help": help, "choices": tuple(choices) if choices else None, "metavar": metavar}
     return dataclasses.field(default=default, metadata=metadata)
@@ -111,7 +113,8 @@ def build_parser(cls: type[Any], prog: str, description: str) -> argparse.Argume
         kwargs: dict[str, Any] = {
             "dest": name,
             "default": argparse.SUPPRESS,
-            "help": (meta.get("help") or "") + (f" (default: {default!r})" if default not in (None, ()) else ""),
+            "help": (meta.get("help") or "")
+            + (f" (default: {default!r})" if default not in (None, ()) else ""),
         }
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
