@@ -14,10 +14,13 @@ deps=$("$python" -c 'import sys, tomllib, json; p = tomllib.load(open(sys.argv[1
 print(json.dumps([p["dependencies"], p["optional-dependencies"]], sort_keys=True))' "$root/pyproject.toml")
 key=$( (echo "$deps"; echo "$extras"; "$python" --version) | sha256sum | cut -c1-12)
 venv=${IB_VENV:-$cache/venv-$key}
+mkdir -p "$(dirname "$venv")"
+# One builder at a time: a second caller waits here instead of deleting a venv that is being built.
+exec 9>"$venv.lock"
+flock 9
 if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
     echo "[venv] creating $venv (extras: $extras); the first time this takes a few minutes" >&2
     rm -rf "$venv"
-    mkdir -p "$(dirname "$venv")"
     "$python" -m venv "$venv"
     "$venv/bin/pip" install -q --upgrade pip setuptools wheel >&2
     torch_pin=()
