@@ -33,7 +33,10 @@ class WorkerConfig:
         "model imitating a batching GPU, needs no files (for testing the balancer)", choices=ENGINES
     )
     device: str = setting("auto", "where the hf engine runs; auto = cuda when available", choices=DEVICES)
-    dtype: str = setting("auto", "weights dtype of the hf engine; auto = the model's own", choices=DTYPES)
+    dtype: str = setting(
+        "auto", "weights dtype of the hf engine; auto = float32 on CPU, bfloat16 (float16 if unsupported) "
+        "on CUDA", choices=DTYPES
+    )
     batch_size: int = setting(8, "most sequences generated together in one batch")
     max_wait_time: float = setting(
         0.05, "seconds the batcher waits, after a request arrives at an idle engine, for more to fill a batch"
@@ -47,7 +50,7 @@ class WorkerConfig:
     drain_timeout: float = setting(
         30.0, "seconds after SIGTERM that running requests may take to finish before they are cut off"
     )
-    log_level: str = setting("info", "logging level", choices=LOG_LEVELS)
+    log_level: str = setting("info", "logging level; debug also logs every HTTP request", choices=LOG_LEVELS)
     fake_load_latency: float = setting(
         0.0, "fake engine: seconds its load() takes (to exercise the 503 'loading' state)"
     )
