@@ -6,6 +6,7 @@ and `stop()` signals the whole group, so nothing a test started outlives it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -75,24 +76,18 @@ class ManagedProcess:
         raise TimeoutError(f"{url} not ready after {timeout}s:\n{self.log_tail()}")
 
     def signal(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM the group, then SIGKILL whatever is left after `timeout`; returns the exit code."""
         if self.popen.poll() is None:
             self.signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         self.signal(signal.SIGKILL)  # stragglers in the group, even if the leader exited
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
         self._log.close()
         return self.popen.returncode
 
