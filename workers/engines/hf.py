@@ -26,8 +26,15 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_le
 
 
 def torch_threads() -> int:
-    """Intra-op threads for CPU inference: IB_TORCH_THREADS if set, else 1 (measured fastest under load)."""
-    return max(1, int(os.environ.get("IB_TORCH_THREADS", "1")))
+    """Intra-op threads for CPU inference: IB_TORCH_THREADS if set, else 1.
+
+    One thread measured best on the shared 2-core machines: with two, every small op pays for thread
+    hand-offs and any other busy process stalls the pair (bench/RESULTS.md, worker throughput).
+    """
+    raw = os.environ.get("IB_TORCH_THREADS", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"IB_TORCH_THREADS must be a positive integer, got {raw!r}")
+    return int(raw)
 
 
 def resolve_device(device: str) -> torch.device:
