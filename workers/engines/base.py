@@ -92,7 +92,7 @@ class Engine(Protocol):
         is_cancelled: Callable[[str], bool],
         admit: Callable[[int], list[EngineRequest]],
     ) -> Iterator[list[TokenEvent]]:
-        """Decode the batch step by step, yielding each step's events; each request ends with a finished event.
+        """Decode the batch step by step, yielding each step's events; each request ends finished.
 
         Cancelled requests are dropped silently (no event) and their rows leave the batch. Between steps an
         engine that can merge new sequences into a running batch (continuous batching) may call `admit(n)`,
