@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from lb.admission import Admission
 from lb.auth import check_bearer
@@ -26,6 +25,7 @@ from lb.errors import (
     error_response,
     sse_error_event,
 )
+from lb.exchange import AiohttpExchange, Exchange, Reply
 from lb.health import HealthChecker
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter, rewrite_model, served_name
@@ -53,18 +53,6 @@ REQUEST_DROP = frozenset(
 )
 REQUEST_DROP_RAW = frozenset(name.encode() for name in REQUEST_DROP)  # raw_headers are bytes: no decoding
 REQUEST_DROP_AUTH = REQUEST_DROP_RAW | {b"authorization"}
-RESPONSE_DROP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "content-length",
-        "upgrade",
-        "trailer",
-        "date",
-        "server",
-    }
-)
 
 
 class _Retry:
@@ -99,29 +87,48 @@ class Proxy:
         self.total_requests = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The aiohttp route for every proxied path the lean front did not take."""
         started = time.perf_counter()
-        self.total_requests += 1
+        exchange = AiohttpExchange(request)
         try:
             if self._keys:
                 check_bearer(request.headers.get("Authorization"), self._keys)
             body = await read_body(request, self._max_body, whole=self._router.needs_model)
+        except BalancerError as exc:
+            self.total_requests += 1
+            self._metrics.rejected(exc.status)
+            return error_response(exc)
+        reply = await self.forward(exchange, body, started)
+        assert reply is not None
+        return reply
+
+    async def forward(
+        self, exchange: Exchange, body: bytes | AsyncIterator[bytes] | None, started: float
+    ) -> Reply:
+        """Route, admit and relay one authenticated request whose body was read (or is streaming)."""
+        self.total_requests += 1
+        try:
             model = None
             if self._router.needs_model and isinstance(body, bytes):
                 model = model_of(body)
             candidates = self._router.candidates(model, self._pool.routable)  # raises ModelNotFound
-            return await self._forward(request, body, model, candidates, started)
+            return await self._forward(exchange, body, model, candidates, started)
         except BalancerError as exc:
             self._metrics.rejected(exc.status)
-            return error_response(exc)
+            return exchange.fail(exc)
+
+    def check_key(self, header: str | None) -> None:
+        if self._keys:
+            check_bearer(header, self._keys)
 
     async def _forward(
         self,
-        request: web.Request,
+        exchange: Exchange,
         body: bytes | AsyncIterator[bytes] | None,
         model: str | None,
         candidates: Sequence[Backend],
         started: float,
-    ) -> web.StreamResponse:
+    ) -> Reply:
         router, pool = self._router, self._pool
 
         def current() -> Sequence[Backend]:
@@ -147,7 +154,7 @@ class Proxy:
             ):
                 sent = rewrite_model(body, served_name(backend, model))  # matched by normalised name
             async with pool.track(backend):
-                outcome = await self._attempt(request, backend, sent, retries, can_retry, started)
+                outcome = await self._attempt(exchange, backend, sent, retries, can_retry, started)
             if not isinstance(outcome, _Retry):
                 return outcome
             log.info("retrying on another backend: backend %d %s", backend.index, outcome.reason)
@@ -157,23 +164,23 @@ class Proxy:
 
     async def _attempt(
         self,
-        request: web.Request,
+        exchange: Exchange,
         backend: Backend,
         body: bytes | AsyncIterator[bytes] | None,
         retries: int,
         can_retry: bool,
         started: float,
-    ) -> web.StreamResponse | _Retry:
+    ) -> Reply | _Retry:
         self._metrics.overhead.observe(time.perf_counter() - started)
         drop = REQUEST_DROP_AUTH if self._keys else REQUEST_DROP_RAW  # the client's key is not the worker's
-        headers = [(k, v) for k, v in request.raw_headers if k.lower() not in drop]
+        headers = [(k, v) for k, v in exchange.raw_headers if k.lower() not in drop]
         try:
             upstream = await self._client.request(
                 backend.host,
                 backend.port,
                 backend.tls,
-                request.method,
-                backend.base_path + request.raw_path,
+                exchange.method,
+                backend.base_path + exchange.target,
                 headers,
                 body,
             )
@@ -189,64 +196,58 @@ class Proxy:
                 return _Retry(str(exc))
             raise UpstreamFailed(f"Worker {backend.index} failed: {exc}") from None
         try:
-            return await self._relay(request, backend, upstream, retries, can_retry, started)
+            return await self._relay(exchange, backend, upstream, retries, can_retry, started)
         finally:
             upstream.release()  # back to the pool if read to the end, else closed (the worker stops)
 
     async def _relay(
         self,
-        request: web.Request,
+        exchange: Exchange,
         backend: Backend,
         upstream: UpstreamResponse,
         retries: int,
         can_retry: bool,
         started: float,
-    ) -> web.StreamResponse | _Retry:
+    ) -> Reply | _Retry:
         status = upstream.status
         if status in RETRY_STATUSES and can_retry:
             backend.errors += status != 429
             return _Retry(f"answered {status}")
         ttfb = time.perf_counter()
-        headers = CIMultiDict((k, v) for k, v in upstream.headers if k.lower() not in RESPONSE_DROP)
-        headers["X-LB-Worker"] = backend.label
-        headers["X-LB-Retries"] = str(retries)
+        extra = [("X-LB-Worker", backend.label), ("X-LB-Retries", str(retries))]
         length = upstream.content_length
         is_sse = upstream.content_type.startswith("text/event-stream")
         if length is not None and length <= RESPONSE_BUFFER_LIMIT and not is_sse:
             try:
-                data = (
-                    await upstream.read()
-                )  # the worker produced it whole; one write to the client is cheapest
+                data = await upstream.read()  # the worker produced it whole: one write to the client
             except UpstreamError as exc:
                 backend.errors += 1
                 self._health.mark_down(backend, f"{exc} (while reading the response)")
                 raise UpstreamFailed(f"Worker {backend.index} failed mid-response.") from None
             backend.last_progress = time.monotonic()
             self._account(backend, status, started, ttfb)
-            return web.Response(status=status, body=data, headers=headers)
-        return await self._stream(request, backend, upstream, headers, is_sse, started, ttfb)
+            return exchange.respond(status, upstream.headers, extra, data)
+        await exchange.start(status, upstream.headers, extra)
+        return await self._stream(exchange, backend, upstream, is_sse, started, ttfb)
 
     async def _stream(
         self,
-        request: web.Request,
+        exchange: Exchange,
         backend: Backend,
         upstream: UpstreamResponse,
-        headers: CIMultiDict[str],
         is_sse: bool,
         started: float,
         ttfb: float,
-    ) -> web.StreamResponse:
-        out = web.StreamResponse(status=upstream.status, headers=headers)
-        await out.prepare(request)
+    ) -> Reply:
         try:
             async for chunk in upstream.chunks():
                 backend.last_progress = time.monotonic()
                 try:
-                    await out.write(chunk)
+                    await exchange.write(chunk)
                 except ConnectionError:
                     # the client left between two chunks; release() closes upstream, so the worker stops
                     self._metrics.client_gone(backend)
-                    return out
+                    return exchange.gone()
         except UpstreamError as exc:
             # the worker failed after bytes were sent: end the stream visibly instead of hanging or truncating
             backend.errors += 1
@@ -255,12 +256,11 @@ class Proxy:
                 self._health.mark_down(backend, f"{exc} (mid-stream)")
             if not is_sse:
                 raise  # abort the connection so the client sees a truncated body
-            await out.write(sse_error_event(f"Worker {backend.index} failed mid-stream: {exc}"))
-            await out.write_eof()
-            return out
-        await out.write_eof()
+            await exchange.write(sse_error_event(f"Worker {backend.index} failed mid-stream: {exc}"))
+            return await exchange.end()
+        reply = await exchange.end()
         self._account(backend, upstream.status, started, ttfb)
-        return out
+        return reply
 
     def _account(self, backend: Backend, status: int, started: float, ttfb: float) -> None:
         end = time.perf_counter()
