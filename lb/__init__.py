@@ -2,7 +2,7 @@
 
 The request path (proxy.py unless named)::
 
-    client ──HTTP──▶ aiohttp handler (uvloop; app.py routes)
+    client ──HTTP──▶ front.py (uvloop): the hot POST endpoints; any other request → aiohttp (app.py routes)
       │ auth.check_bearer            401 without a valid --api-key
       │ request_body.read_body       413 over --max-body-size; kept whole up to 1 MiB so it can be retried
       │ model_routing.candidates     only if backends serve different models: 400 bad JSON, 404 unknown model

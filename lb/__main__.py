@@ -9,8 +9,9 @@ import sys
 
 from aiohttp import web
 
-from lb.app import STATE, create_app
+from lb.app import PROXY, STATE, create_app
 from lb.config import BalancerConfig, load
+from lb.front import Front
 from lb.settings import ConfigError
 
 log = logging.getLogger("lb")
@@ -23,8 +24,14 @@ async def serve(config: BalancerConfig) -> None:
         app, access_log=None, handler_cancellation=True, shutdown_timeout=config.drain_timeout
     )
     await runner.setup()  # runs cleanup_ctx startup: session, first probe of every worker, health checker
-    site = web.TCPSite(runner, config.host, config.port, backlog=2048)
-    await site.start()
+    front: Front | None = None
+    if config.fast_front:
+        # the lean front takes the hot endpoints; it hands any other connection to aiohttp's protocol
+        assert runner.server is not None  # set by setup()
+        front = Front(app[PROXY], runner.server, config.max_body_size)
+        await front.start(config.host, config.port)
+    else:
+        await web.TCPSite(runner, config.host, config.port, backlog=2048).start()
     state = app[STATE]
     log.info(
         "listening on http://%s:%d, policy %s, %d worker(s)",
@@ -42,9 +49,12 @@ async def serve(config: BalancerConfig) -> None:
         "shutting down: no new connections, draining in-flight requests for up to %gs", config.drain_timeout
     )
     state.draining = True  # /health answers 503 while we drain
-    # cleanup: close the listening socket, wait for running handlers up to shutdown_timeout, cancel the rest,
-    # then the cleanup_ctx exit (stop the checker, close the session)
-    await runner.cleanup()
+    # both servers drain at once, each within --drain-timeout: the front waits for its running requests (their
+    # upstream connections stay open); aiohttp closes its socket, waits for its handlers, then runs the
+    # cleanup_ctx exit (stop the checker, close idle upstream connections and the probe session)
+    await asyncio.gather(
+        front.shutdown(config.drain_timeout) if front is not None else asyncio.sleep(0), runner.cleanup()
+    )
     log.info("stopped")
 
 

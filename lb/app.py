@@ -20,12 +20,11 @@ from lb.health import HealthChecker
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
 from lb.policies import POLICIES
-from lb.proxy import Proxy
+from lb.proxy import HOT_PATHS, Proxy
 from lb.stats import backend_stats, health, stats
 from lb.upstream import UpstreamClient
 
 log = logging.getLogger("lb")
-HOT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/generate")
 
 CONFIG = web.AppKey("config", BalancerConfig)
 POOL = web.AppKey("pool", BackendPool)

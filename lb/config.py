@@ -57,6 +57,11 @@ class BalancerConfig:
         "bearer token for POST/DELETE /workers; without it the admin API answers loopback clients only",
         metavar="TOKEN",
     )
+    fast_front: bool = setting(
+        True,
+        "serve the hot endpoints (chat/completions, completions, embeddings, generate) with the lean "
+        "HTTP/1.1 front; everything else, and all of it with --no-fast-front, goes through aiohttp",
+    )
     drain_timeout: float = setting(30.0, "seconds in-flight requests may take to finish on SIGTERM/SIGINT")
     log_level: str = setting("info", "logging level", choices=LOG_LEVELS)
 

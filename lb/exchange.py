@@ -1,8 +1,8 @@
 """Exchange: one client request and its response as the proxy sees them, whichever server carries them.
 
-Two carriers: `AiohttpExchange` (any request aiohttp routed to the proxy) and `front.FrontExchange` (the
-lean HTTP/1.1 front for the hot endpoints). The proxy reads `method`, `target` and `raw_headers` and answers
-through `respond` (a complete body), or `start` + `write` + `end` (a stream), or `fail` (its own error).
+Two carriers: `AiohttpExchange` (any request aiohttp routed to the proxy) and `FrontExchange` (requests the
+lean HTTP/1.1 front of lb/front.py serves itself). The proxy reads `method`, `target` and `raw_headers`
+and answers through `respond` (a whole body), `start` + `write` + `end` (a stream) or `fail` (its error).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Protocol
 from aiohttp import web
 from multidict import CIMultiDict
 
-from lb.errors import BalancerError, error_response
+from lb.errors import BalancerError, error_body, error_response
 
 Reply = web.StreamResponse | None  # what an aiohttp handler returns; None when the front wrote it itself
 # hop-by-hop (RFC 9110 7.6.1) or recomputed on our side of the connection
@@ -51,6 +51,14 @@ class Exchange(Protocol):
     def gone(self) -> Reply:
         """The client left mid-stream: nothing more will be sent."""
         ...
+
+
+class ClientSocket(Protocol):
+    """The client connection a FrontExchange writes to (lb/front.py's FrontProtocol)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
 
 
 class AiohttpExchange:
@@ -92,3 +100,81 @@ def _merge(headers: list[tuple[str, str]], extra: list[tuple[str, str]]) -> CIMu
     merged = CIMultiDict((k, v) for k, v in headers if k.lower() not in AIOHTTP_SETS)
     merged.extend(extra)
     return merged
+
+
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    413: "Payload Too Large",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+class FrontExchange:
+    """Writes the proxy's answer to the client socket: one write for whole responses, chunked for streams."""
+
+    __slots__ = ("_front", "keep_alive", "method", "raw_headers", "target")
+
+    def __init__(
+        self,
+        front: ClientSocket,
+        method: str,
+        target: str,
+        raw_headers: Sequence[tuple[bytes, bytes]],
+        keep_alive: bool,
+    ) -> None:
+        self._front = front
+        self.method = method
+        self.target = target
+        self.raw_headers = raw_headers
+        self.keep_alive = keep_alive
+
+    def _head(
+        self, status: int, headers: list[tuple[str, str]], extra: list[tuple[str, str]], framing: bytes
+    ) -> list[bytes]:
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, "Unknown").encode())]
+        for name, value in headers:
+            if name.lower() not in HOP_BY_HOP:
+                parts.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+        for name, value in extra:
+            parts.append(f"{name}: {value}\r\n".encode())
+        if not self.keep_alive:
+            parts.append(b"Connection: close\r\n")
+        parts.append(framing)
+        return parts
+
+    def respond(
+        self, status: int, headers: list[tuple[str, str]], extra: list[tuple[str, str]], body: bytes
+    ) -> Reply:
+        parts = self._head(status, headers, extra, b"Content-Length: %d\r\n\r\n" % len(body))
+        parts.append(body)
+        self._front.write(b"".join(parts))
+        return None
+
+    async def start(self, status: int, headers: list[tuple[str, str]], extra: list[tuple[str, str]]) -> None:
+        self._front.write(b"".join(self._head(status, headers, extra, b"Transfer-Encoding: chunked\r\n\r\n")))
+
+    async def write(self, chunk: bytes) -> None:
+        if chunk:
+            self._front.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            await self._front.drain()
+
+    async def end(self) -> Reply:
+        self._front.write(b"0\r\n\r\n")
+        return None
+
+    def fail(self, exc: BalancerError) -> Reply:
+        body = error_body(exc.message, exc.type, exc.code, exc.param)
+        extra = [("Content-Type", "application/json")]
+        if exc.retry_after is not None:
+            extra.append(("Retry-After", str(exc.retry_after)))
+        return self.respond(exc.status, [], extra, body)
+
+    def gone(self) -> Reply:
+        return None

@@ -22,7 +22,6 @@ from lb.errors import (
     BalancerError,
     GatewayTimeout,
     UpstreamFailed,
-    error_response,
     sse_error_event,
 )
 from lb.exchange import AiohttpExchange, Exchange, Reply
@@ -34,6 +33,8 @@ from lb.upstream import UpstreamClient, UpstreamError, UpstreamResponse, Upstrea
 
 log = logging.getLogger("lb.proxy")
 
+# the endpoints that carry the traffic: plain aiohttp routes (dict lookup) and the lean front's whole remit
+HOT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/generate")
 RESPONSE_BUFFER_LIMIT = 1 << 20  # bytes: complete responses up to this are relayed in one write
 RETRY_STATUSES = frozenset({429, 502, 503})  # a full, failing or draining worker answered before doing work
 # hop-by-hop headers (RFC 9110 7.6.1) and those the client session recomputes
@@ -95,10 +96,9 @@ class Proxy:
                 check_bearer(request.headers.get("Authorization"), self._keys)
             body = await read_body(request, self._max_body, whole=self._router.needs_model)
         except BalancerError as exc:
-            self.total_requests += 1
-            self._metrics.rejected(exc.status)
-            return error_response(exc)
-        reply = await self.forward(exchange, body, started)
+            reply = self.refuse(exchange, exc)
+        else:
+            reply = await self.forward(exchange, body, started)
         assert reply is not None
         return reply
 
@@ -120,6 +120,12 @@ class Proxy:
     def check_key(self, header: str | None) -> None:
         if self._keys:
             check_bearer(header, self._keys)
+
+    def refuse(self, exchange: Exchange, exc: BalancerError) -> Reply:
+        """Answer a request the balancer turns down before routing (e.g. a bad key)."""
+        self.total_requests += 1
+        self._metrics.rejected(exc.status)
+        return exchange.fail(exc)
 
     async def _forward(
         self,

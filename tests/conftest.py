@@ -89,27 +89,38 @@ async def balancer() -> AsyncIterator[Any]:
     """`await balancer(workers, **settings)`: lb.create_app served in-process; returns its URL."""
     from aiohttp import web
 
-    from lb.app import create_app
+    from lb.app import PROXY, create_app
     from lb.config import BalancerConfig
+    from lb.front import Front
     from lb.settings import from_mapping
 
     runners: list[web.AppRunner] = []
+    fronts: list[Front] = []
     apps: list[web.Application] = []
 
     async def _start(workers: list[Any], **settings: Any) -> str:
         urls = [w if isinstance(w, str) else w.url for w in workers]
         values = {"workers": urls, "health_check_interval": 0.2, "health_check_timeout": 0.5, **settings}
-        app = create_app(from_mapping(BalancerConfig, values))
+        config = from_mapping(BalancerConfig, values)
+        app = create_app(config)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1)
         await runner.setup()
         port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        if config.fast_front:  # as `python -m lb` serves: the lean front, aiohttp for everything else
+            assert runner.server is not None
+            front = Front(app[PROXY], runner.server, config.max_body_size)
+            await front.start("127.0.0.1", port)
+            fronts.append(front)
+        else:
+            await web.TCPSite(runner, "127.0.0.1", port).start()
         runners.append(runner)
         apps.append(app)
         return f"http://127.0.0.1:{port}"
 
     _start.apps = apps  # type: ignore[attr-defined]
     yield _start
+    for front in fronts:
+        await front.shutdown(1)
     for runner in runners:
         await runner.cleanup()
 

@@ -17,11 +17,12 @@ CHAT = "/v1/chat/completions"
 event_loop_policy = pytest.fixture(scope="module", params=["asyncio", "uvloop"])(both_loops)
 
 
+@pytest.mark.parametrize("fast_front", [True, False])
 async def test_forwards_and_labels_the_worker(
-    upstreams: Any, balancer: Any, http: aiohttp.ClientSession
+    upstreams: Any, balancer: Any, http: aiohttp.ClientSession, fast_front: bool
 ) -> None:
     a, b = await upstreams(), await upstreams()
-    url = await balancer([a, b], policy="round_robin")
+    url = await balancer([a, b], policy="round_robin", fast_front=fast_front)
     workers = []
     for _ in range(4):
         async with http.post(url + CHAT, json=chat()) as resp:
@@ -33,11 +34,12 @@ async def test_forwards_and_labels_the_worker(
     assert a.bodies[0] == json.dumps(chat()).encode()  # the body passes through byte for byte
 
 
+@pytest.mark.parametrize("fast_front", [True, False])
 async def test_sse_chunks_are_not_buffered(
-    upstreams: Any, balancer: Any, http: aiohttp.ClientSession
+    upstreams: Any, balancer: Any, http: aiohttp.ClientSession, fast_front: bool
 ) -> None:
     up = await upstreams()
-    url = await balancer([up])
+    url = await balancer([up], fast_front=fast_front)
     async with http.post(url + CHAT, json=chat(stream=True, hold=True)) as resp:
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
@@ -74,11 +76,12 @@ async def test_refused_connection_is_retried_and_marks_backend_down(
     assert [w["healthy"] for w in stats["workers"]] == [False, True]
 
 
+@pytest.mark.parametrize("fast_front", [True, False])
 async def test_upstream_dying_mid_stream_ends_with_error_event(
-    upstreams: Any, balancer: Any, http: aiohttp.ClientSession
+    upstreams: Any, balancer: Any, http: aiohttp.ClientSession, fast_front: bool
 ) -> None:
     up = await upstreams()
-    url = await balancer([up])
+    url = await balancer([up], fast_front=fast_front)
     async with http.post(url + CHAT, json=chat(stream=True, die_after=2)) as resp:
         assert resp.status == 200
         body = await resp.read()
@@ -87,11 +90,12 @@ async def test_upstream_dying_mid_stream_ends_with_error_event(
     assert json.loads(events[-1][len(b"data: ") :])["error"]["code"] == "upstream_disconnected"
 
 
+@pytest.mark.parametrize("fast_front", [True, False])
 async def test_client_disconnect_cancels_upstream_and_releases_in_flight(
-    upstreams: Any, balancer: Any, http: aiohttp.ClientSession
+    upstreams: Any, balancer: Any, http: aiohttp.ClientSession, fast_front: bool
 ) -> None:
     up = await upstreams()
-    url = await balancer([up])
+    url = await balancer([up], fast_front=fast_front)
     backend = balancer.apps[0][POOL].backends[0]
     resp = await http.post(url + CHAT, json=chat(stream=True, hold=True))
     await resp.content.readuntil(b"\n\n")
