@@ -54,7 +54,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def context_length_from_config(model_path: str) -> int | None:
     """The model's context length read from config.json, without importing transformers."""
     try:
-        config = json.loads((Path(model_path) / "config.json").read_text())
+        config = json.loads((Path(model_path).expanduser() / "config.json").read_text())
     except (OSError, ValueError):
         return None
     config = config.get("text_config", config)  # multimodal configs nest the language model's settings
@@ -96,10 +96,14 @@ class HFEngine:
     def load(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        path = os.path.expanduser(self.model_path)
+        if self.model_path.startswith(("/", ".", "~")) and not Path(path).is_dir():
+            # transformers would report a missing directory as a malformed hub repo id
+            raise FileNotFoundError(f"model path {self.model_path!r} is not a directory")
         if self.device.type == "cpu":
             torch.set_num_threads(torch_threads())
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         tok, gen = self.tokenizer, self.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else tok.eos_token_id
