@@ -156,14 +156,12 @@ class LoadClient:
         return spec.duration is None or time.perf_counter() - self._t0 < spec.duration
 
     async def _closed_loop(self, session: aiohttp.ClientSession) -> None:
-        counter = iter(range(1 << 62))
         sent = 0
 
         async def user() -> None:
             nonlocal sent
             while self._more(sent):
-                index = next(counter)
-                sent += 1
+                index, sent = sent, sent + 1  # no await in between: indices are unique
                 await self._one(session, index)
 
         await asyncio.gather(*(user() for _ in range(self.spec.concurrency)))

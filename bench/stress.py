@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from bench.client import ENDPOINT_PATHS, LoadRun, LoadSpec, RequestResult, run_load
 from bench.distribution import Distribution, distribution, fetch_stats
+from bench.results import RESULTS_PATH, command_line, write_section
 from lb.settings import ConfigError, load_config, setting
 
 DEFAULT_NUM_REQUESTS = 50
@@ -46,6 +48,9 @@ class StressConfig:
     seed: int = setting(0, "seed for prompts and open-loop arrival times")
     json: str | None = setting(None, "write config, summary, distribution and every request to this file")
     plot: str | None = setting(None, "draw latency distribution and per-worker share to this PNG")
+    results_section: str | None = setting(
+        None, "also write the report to this section of bench/RESULTS.md (the plot, if any, beside it)"
+    )
     max_error_rate: float = setting(0.0, "exit 1 when the fraction of failed requests exceeds this")
     progress: bool = setting(True, "show a progress bar")
 
@@ -124,6 +129,18 @@ def format_report(report: StressReport) -> str:
     return "\n".join(lines)
 
 
+def write_results(config: StressConfig, report: StressReport, argv: Sequence[str] | None) -> None:
+    body = "```\n" + format_report(report) + "\n```\n"
+    if config.plot:
+        plot = Path(config.plot).resolve()
+        beside = RESULTS_PATH.parent / plot.name
+        if plot != beside.resolve():
+            shutil.copyfile(plot, beside)
+        body += f"\n![{config.results_section}]({plot.name})\n"
+    name = str(config.results_section)
+    write_section(name, f"Stress: {name}", body, command_line(argv, "bench.stress"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(
@@ -143,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         plot_stress(report.run, report.distribution, Path(config.plot))
         print(f"wrote {config.plot}")
+    if config.results_section:
+        write_results(config, report, argv)
     rate = report.run.summary.error_rate
     if rate > config.max_error_rate:
         print(f"error rate {rate:.1%} exceeds --max-error-rate {config.max_error_rate:.1%}", file=sys.stderr)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bench.cluster import ClusterSpec, LocalCluster, WorkerSpec
+from bench.cluster import ClusterSpec, LocalCluster, WorkerSpec, start_balancer
 from bench.distribution import fetch_stats
 from tests.processes import REPO_ROOT
 from tests.processes import test_env as child_env
@@ -101,6 +101,20 @@ def test_error_rate_above_limit_exits_nonzero(cluster: LocalCluster, tmp_path: P
         "--url", cluster.lb_url, "--num-requests", "4", "--model", "no-such-model", "--max-error-rate", "1"
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_api_key_is_sent_and_its_absence_counted_as_401(cluster: LocalCluster, tmp_path: Path) -> None:
+    key_args = ("--api-key", "sekret")
+    lb, url = start_balancer(cluster.worker_urls, "round_robin", tmp_path / "lb-key.log", key_args)
+    try:
+        proc = stress("--url", url, "--num-requests", "6", "--max-tokens", "2", "--api-key", "sekret")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "6 / 6" in proc.stdout
+        proc = stress("--url", url, "--num-requests", "3", "--max-tokens", "2")
+        assert proc.returncode == 1
+        assert "http_401: 3" in proc.stdout
+    finally:
+        lb.stop()
 
 
 def test_bad_flag_value_exits_with_usage_error() -> None:
