@@ -1,9 +1,10 @@
-"""The proxy route: auth, body, model routing, admission, then forward one attempt at a time and relay.
+"""The proxy: auth, body, model routing, admission, then forward one attempt at a time and relay.
 
 Hot path, in order: one header compare (auth), one body read (bodies up to 1 MiB are kept so an attempt
 can be retried), the model read only when backends serve different models, a policy choice, one upstream
-request over the pooled session, and the response relayed: small complete bodies in one write, anything else
-(SSE, unknown length) chunk by chunk as it arrives. Response bodies are never parsed.
+request over a pooled keep-alive connection (upstream.py), and the response relayed through the Exchange
+(exchange.py): small complete bodies in one write, anything else (SSE, unknown length) chunk by chunk as it
+arrives. Response bodies are never parsed. Entry points: `handle` (aiohttp route) and `forward` (front.py).
 """
 
 from __future__ import annotations
