@@ -122,7 +122,7 @@ def write_section(
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub table; numbers right-aligned."""
     def align(col: int) -> str:
-        numeric = all(isinstance(row[col], int | float) for row in rows) if rows else False
+        numeric = all(_NUMERIC.match(_cell(row[col])) for row in rows) if rows else False
         return "---:" if numeric else "---"
 
     lines = ["| " + " | ".join(headers) + " |"]
@@ -130,6 +130,9 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     for row in rows:
         lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
     return "\n".join(lines)
+
+
+_NUMERIC = re.compile(r"^[+-]?[\d,.]+( ?(x|%|ms|us|s))?$")  # numbers, optionally with a unit: right-aligned
 
 
 def _cell(value: object) -> str:
