@@ -136,28 +136,36 @@ class UpstreamResponse:
         return data
 
     def _take_chunked(self) -> bytes:
-        """Everything decodable from the buffer now: whole chunk payloads and the start of a partial one."""
+        """Everything decodable from the buffer now: whole chunk payloads and the start of a partial one.
+
+        One copy of the buffer and one deletion at the end: a read holding many SSE events (one chunk each)
+        is parsed by offsets, not by shrinking the bytearray once per chunk (quadratic).
+        """
         buf = self._conn.buffer
+        data = bytes(buf)
+        end = len(data)
+        pos = 0
+        remaining = self._remaining  # > 0: payload bytes left; -2: its CRLF next; -1: a size line next
         out: list[bytes] = []
-        while buf:
-            if self._remaining > 0:  # inside a chunk's payload
-                n = min(len(buf), self._remaining)
-                out.append(bytes(buf[:n]))
-                del buf[:n]
-                self._remaining -= n
-                if self._remaining == 0:
-                    self._remaining = -2  # its trailing CRLF comes next
+        while pos < end:
+            if remaining > 0:
+                take = min(end - pos, remaining)
+                out.append(data[pos : pos + take])
+                pos += take
+                remaining -= take
+                if remaining == 0:
+                    remaining = -2
                 continue
-            if self._remaining == -2:
-                if len(buf) < 2:
+            if remaining == -2:
+                if end - pos < 2:
                     break
-                del buf[:2]
-                self._remaining = -1
+                pos += 2
+                remaining = -1
                 continue
-            eol = buf.find(b"\r\n")
+            eol = data.find(b"\r\n", pos)
             if eol < 0:
                 break
-            size_line = bytes(buf[:eol]).split(b";", 1)[0].strip()
+            size_line = data[pos:eol].split(b";", 1)[0].strip()
             try:
                 size = int(size_line, 16)
             except ValueError:
@@ -165,14 +173,16 @@ class UpstreamResponse:
                     f"malformed chunk size from the worker: {size_line[:20]!r}", started=True
                 ) from None
             if size == 0:
-                trailer_end = buf.find(b"\r\n\r\n", eol)
+                trailer_end = data.find(b"\r\n\r\n", eol)
                 if trailer_end < 0:
                     break  # wait for the (usually empty) trailer section
-                del buf[: trailer_end + 4]
+                pos = trailer_end + 4
                 self._finish()
                 break
-            del buf[: eol + 2]
-            self._remaining = size
+            pos = eol + 2
+            remaining = size
+        del buf[:pos]
+        self._remaining = remaining
         return out[0] if len(out) == 1 else b"".join(out)
 
     def _finish(self) -> None:
