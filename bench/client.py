@@ -239,13 +239,19 @@ class LoadClient:
     @staticmethod
     async def _read_stream(resp: aiohttp.ClientResponse, result: RequestResult, start: float) -> None:
         """SSE `data: {...}` events ending with `data: [DONE]`. The body is gathered as it arrives and split
-        into events once at the end (cheaper than iterating lines asynchronously); only the last JSON event,
-        which carries `usage`, is parsed."""
+        into events once at the end (cheaper than iterating lines asynchronously). Events are parsed only
+        until the first one carrying text (TTFT; a chat stream opens with a role-only event) and for the
+        last one, which carries `usage`."""
         body = bytearray()
+        scanned = 0  # bytes of `body` already searched for the first text
         async for block in resp.content.iter_any():
-            if result.ttft is None and block.strip():
-                result.ttft = time.perf_counter() - start
             body += block
+            if result.ttft is None:
+                end = body.rfind(b"\n") + 1
+                if end > scanned:
+                    if _has_text(bytes(body[scanned:end])):
+                        result.ttft = time.perf_counter() - start
+                    scanned = end
         content_chunks = 0
         last = b""
         done = False
@@ -273,6 +279,21 @@ class LoadClient:
                 result.output_tokens = int(usage["completion_tokens"])
         except (ValueError, KeyError, TypeError, AttributeError):
             pass  # the event count stands in for the token count
+
+
+def _has_text(lines: bytes) -> bool:
+    """Whether any complete SSE event in `lines` carries generated text (completions or chat delta)."""
+    for line in lines.split(b"\n"):
+        if not line.startswith(b"data:") or line[5:].strip() in (b"[DONE]", b""):
+            continue
+        try:
+            choices = json.loads(line[5:]).get("choices") or []
+        except (ValueError, AttributeError):
+            return True  # not ours to judge: count it as the first output
+        for choice in choices:
+            if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                return True
+    return False
 
 
 async def run_load(spec: LoadSpec, on_result: OnResult | None = None) -> LoadRun:

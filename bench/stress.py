@@ -51,6 +51,7 @@ class StressConfig:
     results_section: str | None = setting(
         None, "also write the report to this section of bench/RESULTS.md (the plot, if any, beside it)"
     )
+    results_note: str | None = setting(None, "a sentence for that section, e.g. what was behind the URL")
     max_error_rate: float = setting(0.0, "exit 1 when the fraction of failed requests exceeds this")
     progress: bool = setting(True, "show a progress bar")
 
@@ -130,7 +131,8 @@ def format_report(report: StressReport) -> str:
 
 
 def write_results(config: StressConfig, report: StressReport, argv: Sequence[str] | None) -> None:
-    body = "```\n" + format_report(report) + "\n```\n"
+    note = config.results_note + "\n\n" if config.results_note else ""
+    body = note + "```\n" + format_report(report) + "\n```\n"
     if config.plot:
         plot = Path(config.plot).resolve()
         beside = RESULTS_PATH.parent / plot.name
