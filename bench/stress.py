@@ -140,7 +140,11 @@ def write_results(config: StressConfig, report: StressReport, argv: Sequence[str
             shutil.copyfile(plot, beside)
         body += f"\n![{config.results_section}]({plot.name})\n"
     name = str(config.results_section)
-    write_section(name, f"Stress: {name}", body, command_line(argv, "bench.stress"))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--results-note" in args:  # the note is printed above the table already, not repeated in the command
+        i = args.index("--results-note")
+        del args[i:i + 2]
+    write_section(name, f"Stress: {name}", body, command_line(args, "bench.stress"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
