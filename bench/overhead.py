@@ -144,6 +144,18 @@ def table(config: OverheadConfig, runs: Sequence[Run], events: int) -> str:
     errors = sum(r.result.errors for r in runs)
     text = markdown_table(["figure", "direct", "via balancer", "added / ratio"], rows)
     text += f"\n\nwrk errors (connect, read, write, non-2xx, timeout) over all runs: {errors}."
+    c1_d, c1_b = get("direct", "c1").result, get("balancer", "c1").result
+    checks = [
+        ("added p50 at concurrency 1 <= 0.25 ms", c1_b.p50_ms - c1_d.p50_ms <= 0.25,
+         f"{c1_b.p50_ms - c1_d.p50_ms:.3f} ms"),
+        ("req/s >= 0.35 of direct", b.requests_per_s >= 0.35 * d.requests_per_s,
+         f"{b.requests_per_s / d.requests_per_s:.2f}"),
+        ("SSE events/s >= 0.9 of direct", bs.requests_per_s >= 0.9 * ds.requests_per_s,
+         f"{bs.requests_per_s / ds.requests_per_s:.2f}"),
+    ]
+    text += "\n\nIssue 3 targets: " + "; ".join(
+        f"{name}: {value} ({'met' if ok else 'missed'})" for name, ok, value in checks
+    ) + "."
     for run in runs:
         if run.profile:
             top = "; ".join(f"{share:.0%} {frame}" for share, frame in run.profile[:8])

@@ -201,7 +201,29 @@ def tables(config: ScalingConfig, points: Sequence[Point]) -> str:
             ]
             rows.append([n, *(f"{r:.3f}" for r in ratios)])
         parts.append(f"**throughput relative to {first}**\n\n" + markdown_table(["workers", *others], rows))
+    parts.append(target_text(config, points))
     return "\n\n".join(parts)
+
+
+def target_text(config: ScalingConfig, points: Sequence[Point]) -> str:
+    """Issue 4's targets, checked against this run."""
+    found: list[str] = []
+    if config.heterogeneous:
+        for n in config.counts:
+            rr = next((p for p in points if p.policy == "round_robin" and p.workers == n), None)
+            lc = next((p for p in points if p.policy == "least_connections" and p.workers == n), None)
+            if rr and lc and rr.tokens_per_s > 0:
+                ratio = lc.tokens_per_s / rr.tokens_per_s
+                verdict = "met" if ratio >= 1.2 else "missed"
+                found.append(f"N={n}: least_connections {ratio:.2f}x round_robin ({verdict})")
+        return "Issue 4 target, least_connections >= 1.2x round_robin: " + "; ".join(found) + "."
+    for n, goal in ((8, 0.97), (16, 0.95)):
+        for p in points:
+            if p.workers == n:
+                verdict = "met" if p.efficiency >= goal else "missed"
+                found.append(f"{p.policy} N={n}: {p.efficiency:.3f} >= {goal} ({verdict})")
+    listed = "; ".join(found) or "no 8- or 16-worker point in this run"
+    return f"Issue 4 targets, efficiency: {listed}."
 
 
 def setup_text(config: ScalingConfig) -> str:
