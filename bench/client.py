@@ -101,7 +101,7 @@ class RequestResult:
     status: int | None  # HTTP status, None when no response arrived
     started: float
     latency: float
-    ttft: float | None = None  # streaming only: first content chunk
+    ttft: float | None = None  # streaming only: first event carrying text
     output_tokens: int = 0
     error_kind: str | None = None  # e.g. "http_429", "timeout", "connect", "disconnect", "stream_error"
     error_message: str | None = None
