@@ -34,15 +34,24 @@ class Exchange(Protocol):
         """The whole response: the worker's headers (hop-by-hop ones are dropped here) plus `extra`."""
         ...
 
-    async def start(self, status: int, headers: list[tuple[str, str]], extra: list[tuple[str, str]]) -> None:
-        """Send the head of a streamed response (chunked)."""
+    async def start(
+        self,
+        status: int,
+        headers: list[tuple[str, str]],
+        extra: list[tuple[str, str]],
+        more_now: bool = False,
+    ) -> None:
+        """Send the head of a streamed response (chunked); with `more_now` (body bytes already here) the
+        front may send it together with the first piece."""
         ...
 
     async def write(self, chunk: bytes) -> None:
         """One piece of a streamed body; raises ConnectionError when the client has left."""
         ...
 
-    async def end(self) -> Reply: ...
+    async def end(self, last: bytes = b"") -> Reply:
+        """Finish the stream, with `last` as its final piece (one write instead of two on the front)."""
+        ...
 
     def fail(self, exc: BalancerError) -> Reply:
         """The balancer's own OpenAI-style error answer."""
@@ -76,7 +85,13 @@ class AiohttpExchange:
     ) -> Reply:
         return web.Response(status=status, body=body, headers=_merge(headers, extra))
 
-    async def start(self, status: int, headers: list[tuple[str, str]], extra: list[tuple[str, str]]) -> None:
+    async def start(
+        self,
+        status: int,
+        headers: list[tuple[str, str]],
+        extra: list[tuple[str, str]],
+        more_now: bool = False,
+    ) -> None:
         self._out = web.StreamResponse(status=status, headers=_merge(headers, extra))
         await self._out.prepare(self.request)
 
@@ -84,9 +99,9 @@ class AiohttpExchange:
         assert self._out is not None
         await self._out.write(chunk)
 
-    async def end(self) -> Reply:
+    async def end(self, last: bytes = b"") -> Reply:
         assert self._out is not None
-        await self._out.write_eof()
+        await self._out.write_eof(last)
         return self._out
 
     def fail(self, exc: BalancerError) -> Reply:
@@ -119,7 +134,7 @@ REASONS = {
 class FrontExchange:
     """Writes the proxy's answer to the client socket: one write for whole responses, chunked for streams."""
 
-    __slots__ = ("_front", "keep_alive", "method", "raw_headers", "target")
+    __slots__ = ("_front", "_pending", "keep_alive", "method", "raw_headers", "target")
 
     def __init__(
         self,
@@ -130,6 +145,7 @@ class FrontExchange:
         keep_alive: bool,
     ) -> None:
         self._front = front
+        self._pending = b""  # a stream's head, held back to share one write with the first piece
         self.method = method
         self.target = target
         self.raw_headers = raw_headers
@@ -157,17 +173,32 @@ class FrontExchange:
         self._front.write(b"".join(parts))
         return None
 
-    async def start(self, status: int, headers: list[tuple[str, str]], extra: list[tuple[str, str]]) -> None:
-        self._front.write(b"".join(self._head(status, headers, extra, b"Transfer-Encoding: chunked\r\n\r\n")))
+    async def start(
+        self,
+        status: int,
+        headers: list[tuple[str, str]],
+        extra: list[tuple[str, str]],
+        more_now: bool = False,
+    ) -> None:
+        head = b"".join(self._head(status, headers, extra, b"Transfer-Encoding: chunked\r\n\r\n"))
+        if more_now:
+            self._pending = head  # goes out with the first piece, which is already buffered
+        else:
+            self._front.write(head)  # the client sees the headers while the worker is still thinking
 
     async def write(self, chunk: bytes) -> None:
         if chunk:
-            self._front.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            self._front.write(self._take_pending() + b"%x\r\n%b\r\n" % (len(chunk), chunk))
             await self._front.drain()
 
-    async def end(self) -> Reply:
-        self._front.write(b"0\r\n\r\n")
+    async def end(self, last: bytes = b"") -> Reply:
+        tail = b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last) if last else b"0\r\n\r\n"
+        self._front.write(self._take_pending() + tail)
         return None
+
+    def _take_pending(self) -> bytes:
+        pending, self._pending = self._pending, b""
+        return pending
 
     def fail(self, exc: BalancerError) -> Reply:
         body = error_body(exc.message, exc.type, exc.code, exc.param)

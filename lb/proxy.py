@@ -234,7 +234,7 @@ class Proxy:
             backend.last_progress = time.monotonic()
             self._account(backend, status, started, ttfb)
             return exchange.respond(status, upstream.headers, extra, data)
-        await exchange.start(status, upstream.headers, extra)
+        await exchange.start(status, upstream.headers, extra, more_now=upstream.buffered)
         return await self._stream(exchange, backend, upstream, is_sse, started, ttfb)
 
     async def _stream(
@@ -250,6 +250,10 @@ class Proxy:
             async for chunk in upstream.chunks():
                 backend.last_progress = time.monotonic()
                 try:
+                    if upstream.done:  # the last piece: send it with the end of the stream
+                        reply = await exchange.end(chunk)
+                        self._account(backend, upstream.status, started, ttfb)
+                        return reply
                     await exchange.write(chunk)
                 except ConnectionError:
                     # the client left between two chunks; release() closes upstream, so the worker stops

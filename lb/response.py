@@ -91,6 +91,11 @@ class UpstreamResponse:
         if self.content_length == 0:
             self._finish()
 
+    @property
+    def buffered(self) -> bool:
+        """Body bytes have already arrived (with the head, typically)."""
+        return bool(self._conn.buffer)
+
     async def read(self) -> bytes:
         """The whole body (for responses known to be small)."""
         buf = self._conn.buffer
