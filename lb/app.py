@@ -15,7 +15,7 @@ from lb.admin import Admin
 from lb.admission import Admission
 from lb.backends import BackendPool
 from lb.config import BalancerConfig
-from lb.errors import NotFound, answers_errors, error_response
+from lb.errors import BalancerError, NotFound, answers_errors, error_response
 from lb.health import HealthChecker
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
@@ -139,6 +139,10 @@ def _add_routes(app: web.Application) -> None:
         return web.Response(body=app[METRICS].render(), content_type="text/plain", charset="utf-8")
 
     async def list_models(request: web.Request) -> web.StreamResponse:
+        try:
+            app[PROXY].check_key(request.headers.get("Authorization"))  # a /v1 path: same keys as the proxy
+        except BalancerError as exc:
+            return error_response(exc)
         models = app[POOL].models()
         if not models:
             return await proxy(request)  # workers that do not announce their models: ask one of them

@@ -71,6 +71,10 @@ async def test_api_key_required(upstreams: Any, balancer: Any, http: aiohttp.Cli
         assert resp.status == 401
     async with http.post(url + CHAT, json=chat(), headers={"Authorization": "Bearer other"}) as resp:
         assert resp.status == 200
+    async with http.get(url + "/v1/models") as resp:
+        assert resp.status == 401
+    async with http.get(url + "/v1/models", headers={"Authorization": "Bearer sekret"}) as resp:
+        assert resp.status == 200 and (await resp.json())["data"][0]["id"] == "tiny"
 
 
 async def test_queue_then_429(upstreams: Any, balancer: Any, http: aiohttp.ClientSession) -> None:
