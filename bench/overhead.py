@@ -101,22 +101,28 @@ def measure(
             url = base + "/v1/completions"
             if config.warmup:
                 run_wrk(url, data, connections, config.warmup, config.threads)
-            recorder = None
-            raw = Path(tempfile.mkdtemp(prefix="ib-pyspy-")) / "stacks.txt"
-            if config.py_spy and proc is not None and connections > 1:
-                recorder = start_recording(config.py_spy, proc.pid, config.duration - 1, raw)
             lb0, w0 = cpu_seconds(proc), cpu_seconds(upstream)
             result = run_wrk(url, data, connections, config.duration, config.threads)
             lb_cpu = cpu_seconds(proc) - lb0 if proc else None
             run = Run(target, scenario, connections, result, lb_cpu, cpu_seconds(upstream) - w0)
-            if recorder is not None:
-                recorder.wait(timeout=60)
-                run.profile = self_time(raw)[1] if raw.exists() else None
+            if config.py_spy and proc is not None and connections > 1:
+                run.profile = profile_run(config, config.py_spy, proc, url, data, connections)
             runs.append(run)
             print(f"  {scenario:<12} {target:<9} {result.requests_per_s:9.0f} req/s  "
                   f"p50 {result.p50_ms:.3f} ms  p99 {result.p99_ms:.3f} ms  errors {result.errors}",
                   file=sys.stderr, flush=True)
     return runs
+
+
+def profile_run(
+    config: OverheadConfig, py_spy: str, proc: Process, url: str, data: bytes, connections: int
+) -> list[tuple[float, str]] | None:
+    """A second, unmeasured run with py-spy attached: sampling costs CPU, which must not skew the figures."""
+    raw = Path(tempfile.mkdtemp(prefix="ib-pyspy-")) / "stacks.txt"
+    recorder = start_recording(py_spy, proc.pid, config.duration - 1, raw)
+    run_wrk(url, data, connections, config.duration, config.threads)
+    recorder.wait(timeout=60)
+    return self_time(raw)[1] if raw.exists() else None
 
 
 def table(config: OverheadConfig, runs: Sequence[Run], events: int) -> str:
@@ -159,7 +165,7 @@ def table(config: OverheadConfig, runs: Sequence[Run], events: int) -> str:
     for run in runs:
         if run.profile:
             top = "; ".join(f"{share:.0%} {frame}" for share, frame in run.profile[:8])
-            text += f"\n\nBalancer self time (py-spy), {run.scenario}: {top}."
+            text += f"\n\nBalancer self time (py-spy, separate run of the same load), {run.scenario}: {top}."
     return text
 
 
