@@ -30,7 +30,8 @@ from lb.settings import ConfigError, load_config, setting
 
 @dataclass(frozen=True)
 class OverheadConfig:
-    duration: float = setting(10.0, "seconds per wrk run")
+    duration: float = setting(5.0, "seconds per wrk run")
+    rounds: int = setting(3, "direct and balancer runs alternate this many times; the median round is shown")
     warmup: float = setting(2.0, "seconds of unmeasured load before each run")
     high_concurrency: int = setting(64, "connections for the throughput runs")
     max_tokens: int = setting(8, "tokens per non-streamed request (small: the worker's own cost stays low)")
@@ -47,7 +48,7 @@ class OverheadConfig:
     json: str | None = setting(None, "write every run to this JSON file")
 
     def __post_init__(self) -> None:
-        if self.duration <= 0 or self.warmup < 0 or self.high_concurrency < 1 or self.threads < 1:
+        if self.duration <= 0 or self.warmup < 0 or min(self.high_concurrency, self.threads, self.rounds) < 1:
             raise ConfigError("duration, high_concurrency and threads must be positive, warmup >= 0")
         unknown = set(self.upstream) - {"fake", "stub"}
         if unknown or not self.upstream:
@@ -97,21 +98,31 @@ def measure(
     targets = {"direct": (upstream_url, None), "balancer": (lb_url, lb)}
     runs: list[Run] = []
     for scenario, connections, data in scenarios:
-        for target, (base, proc) in targets.items():  # direct then balancer, back to back
-            url = base + "/v1/completions"
-            if config.warmup:
-                run_wrk(url, data, connections, config.warmup, config.threads)
-            lb0, w0 = cpu_seconds(proc), cpu_seconds(upstream)
-            result = run_wrk(url, data, connections, config.duration, config.threads)
-            lb_cpu = cpu_seconds(proc) - lb0 if proc else None
-            run = Run(target, scenario, connections, result, lb_cpu, cpu_seconds(upstream) - w0)
-            if config.py_spy and proc is not None and connections > 1:
-                run.profile = profile_run(config, config.py_spy, proc, url, data, connections)
-            runs.append(run)
-            print(f"  {scenario:<12} {target:<9} {result.requests_per_s:9.0f} req/s  "
-                  f"p50 {result.p50_ms:.3f} ms  p99 {result.p99_ms:.3f} ms  errors {result.errors}",
-                  file=sys.stderr, flush=True)
+        # direct and balancer alternate, so a slow spell of the shared machine hits both
+        for round_no in range(config.rounds):
+            for target, (base, proc) in targets.items():
+                url = base + "/v1/completions"
+                if config.warmup and round_no == 0:
+                    run_wrk(url, data, connections, config.warmup, config.threads)
+                lb0, w0 = cpu_seconds(proc), cpu_seconds(upstream)
+                result = run_wrk(url, data, connections, config.duration, config.threads)
+                lb_cpu = cpu_seconds(proc) - lb0 if proc else None
+                runs.append(Run(target, scenario, connections, result, lb_cpu, cpu_seconds(upstream) - w0))
+                print(f"  {scenario:<12} {target:<9} {result.requests_per_s:9.0f} req/s  "
+                      f"p50 {result.p50_ms:.3f} ms  p99 {result.p99_ms:.3f} ms  errors {result.errors}",
+                      file=sys.stderr, flush=True)
+        if config.py_spy and connections > 1:
+            median(runs, "balancer", scenario).profile = profile_run(
+                config, config.py_spy, lb, lb_url + "/v1/completions", data, connections
+            )
     return runs
+
+
+def median(runs: Sequence[Run], target: str, scenario: str) -> Run:
+    """The round with the median req/s (its latencies and CPU stay consistent with each other)."""
+    rounds = sorted((r for r in runs if r.target == target and r.scenario == scenario),
+                    key=lambda r: r.result.requests_per_s)
+    return rounds[(len(rounds) - 1) // 2]
 
 
 def profile_run(
@@ -127,7 +138,7 @@ def profile_run(
 
 def table(config: OverheadConfig, runs: Sequence[Run], events: int) -> str:
     def get(target: str, scenario: str) -> Run:
-        return next(r for r in runs if r.target == target and r.scenario == scenario)
+        return median(runs, target, scenario)
 
     hi = f"c{config.high_concurrency}"
     rows: list[list[object]] = []
@@ -236,10 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.results:
         setup = (
             f"wrk with {config.threads} thread(s), {config.duration:g} s per run after {config.warmup:g} s "
-            f"of warm-up, direct and via the balancer (round_robin, one upstream) back to back; non-streamed "
-            f"requests of {config.max_tokens} tokens, streamed ones of {config.stream_tokens} tokens. wrk, "
-            "balancer and upstream share the machine's 2 cores (and other jobs), so every figure includes "
-            "that contention; compare within a table."
+            f"of warm-up; direct and via the balancer (round_robin, one upstream) alternate {config.rounds} "
+            "times per scenario and each cell is the round with the median req/s; non-streamed requests of "
+            f"{config.max_tokens} tokens, streamed ones of {config.stream_tokens} tokens. wrk, balancer and "
+            "upstream share the machine's 2 cores (and other jobs), so every figure includes that "
+            "contention; compare within a table."
         )
         write_section("overhead", "Balancer overhead (wrk)", f"{setup}\n\n{text}",
                       command_line(argv, "bench.overhead"))

@@ -26,7 +26,7 @@ def test_lua_script_carries_the_body_verbatim() -> None:
 def test_overhead_reports_every_scenario_for_both_targets(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.overhead", "--duration", "1", "--warmup", "0",
+        [sys.executable, "-m", "bench.overhead", "--duration", "1", "--warmup", "0", "--rounds", "1",
          "--high-concurrency", "8", "--stream-tokens", "16", "--no-results", "--json", str(out)],
         capture_output=True, text=True, env=child_env(), cwd=REPO_ROOT, timeout=180, check=False,
     )
