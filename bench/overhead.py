@@ -251,7 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "times per scenario and each cell is the round with the median req/s; non-streamed requests of "
             f"{config.max_tokens} tokens, streamed ones of {config.stream_tokens} tokens. wrk, balancer and "
             "upstream share the machine's 2 cores (and other jobs), so every figure includes that "
-            "contention; compare within a table."
+            "contention; compare within a table. SSE events/s is whole responses/s x events per response: "
+            "through the balancer several events may share one TCP segment, so that ratio can exceed 1. In "
+            "the profiles, `Runner.run` is time inside uvloop's C event loop (epoll, socket calls, waiting)."
         )
         write_section("overhead", "Balancer overhead (wrk)", f"{setup}\n\n{text}",
                       command_line(argv, "bench.overhead"))
