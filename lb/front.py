@@ -72,6 +72,13 @@ class FrontProtocol(asyncio.Protocol):
             self._idle_timer.cancel()
             self._idle_timer = None
         self._buffer += data
+        if self.task is not None and len(self._buffer) > MAX_HEAD + self._max_body:
+            # More pipelined bytes than one whole request may hold, sent while one is running: a client that
+            # floods the connection is cut off rather than buffered without bound. (Pausing reading instead
+            # would also hide the client's disconnect, which must cancel the running request.)
+            log.warning("closing a connection that sent %d bytes ahead of its request", len(self._buffer))
+            self._abort()
+            return
         if self.task is None:
             self._next_request()
             if self.task is None and not self._handed_over:  # a head or body still arriving: not forever
@@ -179,6 +186,8 @@ class FrontProtocol(asyncio.Protocol):
             self._idle_timer = self._loop.call_later(KEEPALIVE_TIMEOUT, self.close_if_idle)
 
     def _abort(self) -> None:
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
         self.task = None
         if self.transport is not None:
             self.transport.abort()

@@ -87,3 +87,32 @@ async def test_unusual_requests_are_left_to_aiohttp(
     head = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
     assert head.startswith(b"HTTP/1.")  # answered (400, or proxied for HTTP/1.0), never hung or crashed
     writer.close()
+
+
+async def test_a_client_flooding_a_busy_connection_is_cut_off(upstreams: Any, balancer: Any) -> None:
+    upstream = await upstreams()
+    url = await balancer([upstream], max_body_size=4096)
+    reader, writer = await connect(url)
+    held = json.dumps({"model": "tiny", "stream": True, "hold": True}).encode()
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: lb\r\nContent-Length: %d\r\n\r\n%b" % (len(held), held)
+    )
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+    try:
+        for _ in range(64):  # 4 MiB behind a held stream: far past one head plus one body
+            writer.write(b"x" * 65536)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    try:  # the front aborted the connection: EOF or a reset, never a hang or the rest of the stream
+        remaining = await asyncio.wait_for(reader.read(), 5)
+    except ConnectionResetError:
+        remaining = b""
+    assert b"[DONE]" not in remaining
+    for _ in range(50):
+        if upstream.cancelled:
+            break
+        await asyncio.sleep(0.05)
+    assert upstream.cancelled == 1  # the held upstream request was closed with the client
+    upstream.release.set()
+    writer.close()
