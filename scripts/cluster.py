@@ -23,7 +23,15 @@ from typing import Any
 from lb.settings import from_mapping
 from scripts import run_dir
 from scripts.cluster_config import ClusterConfig
-from scripts.commands import WorkerSpec, balancer_command, probe_host, url_host, worker_command, worker_env
+from scripts.commands import (
+    WorkerSpec,
+    balancer_command,
+    balancer_env,
+    probe_host,
+    url_host,
+    worker_command,
+    worker_env,
+)
 from scripts.gpus import visible_gpus, worker_gpus
 from scripts.ports import PortAllocator
 from scripts.process_group import alive, snapshot, stop_groups
@@ -153,9 +161,8 @@ class LocalCluster:
                 self.report(f"worker {spec.index} registered with {cfg.register_with} as {spec.url}")
         if not cfg.workers_only:
             assert self.lb_port is not None
-            lb_env = dict(os.environ)
             self.balancer = ChildProcess(
-                "balancer", balancer_command(cfg, self.lb_port, self.worker_urls), lb_env,
+                "balancer", balancer_command(cfg, self.lb_port, self.worker_urls), balancer_env(cfg),
                 log_dir / "balancer.log", f"http://{probe_host(cfg.host)}:{self.lb_port}/health")
             self.balancer.start()
             self._write_run_file()

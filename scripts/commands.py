@@ -154,11 +154,17 @@ def balancer_command(cfg: ClusterConfig, port: int, worker_urls: list[str]) -> l
             "--drain-timeout", str(round(cfg.stop_timeout * 0.8, 3))]
     if cfg.policy is not None:
         argv += ["--policy", cfg.policy]
-    if cfg.api_key is not None:
-        argv += ["--api-key", cfg.api_key]
-    if cfg.admin_token is not None:
-        argv += ["--admin-token", cfg.admin_token]
     return argv + shlex.split(cfg.lb_args)
+
+
+def balancer_env(cfg: ClusterConfig, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The balancer's environment: secrets travel here, not on its command line, which `ps` shows."""
+    env = dict(os.environ if base is None else base)
+    if cfg.api_key is not None:
+        env["IB_LB_API_KEY"] = cfg.api_key
+    if cfg.admin_token is not None:
+        env["IB_LB_ADMIN_TOKEN"] = cfg.admin_token
+    return env
 
 
 def _required_model(cfg: ClusterConfig) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 from lb.settings import ConfigError, from_mapping
 from scripts.cluster_config import ClusterConfig
-from scripts.commands import WorkerSpec, balancer_command, worker_command, worker_env
+from scripts.commands import WorkerSpec, balancer_command, balancer_env, worker_command, worker_env
 from scripts.gpus import CPU, parse_gpu_ids, visible_gpus, worker_gpus
 from scripts.ports import PortAllocator
 from tests.processes import free_port
@@ -115,6 +115,14 @@ def test_balancer_command() -> None:
     assert argv[argv.index("--policy") + 1] == "round_robin"
     assert argv[argv.index("--drain-timeout") + 1] == "8.0"
     assert argv[-2:] == ["--max-retries", "3"]
+
+
+def test_balancer_secrets_travel_in_its_environment_not_its_command_line() -> None:
+    cfg = from_mapping(ClusterConfig, {"model_path": "/m", "api_key": "sk-secret", "admin_token": "adm"})
+    argv = balancer_command(cfg, 8000, [])
+    assert not any("sk-secret" in word or word == "adm" for word in argv)
+    env = balancer_env(cfg, {})
+    assert env == {"IB_LB_API_KEY": "sk-secret", "IB_LB_ADMIN_TOKEN": "adm"}
 
 
 @pytest.mark.parametrize(("flags", "visible", "expected"), [

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
-from openai import OpenAI
+from openai import AuthenticationError, OpenAI
 
 from lb.settings import ConfigError
 from scripts.cluster import LocalCluster, create_cluster
@@ -29,9 +30,14 @@ cpu_workers: 2
 worker_base_port: {free_port()}
 run_dir: {tmp_path / "run"}
 served_model_name: from-yaml
+api_key: sk-from-yaml
 """)
     with LocalCluster.from_yaml(path) as cluster:
-        client = OpenAI(base_url=cluster.openai_base_url, api_key="none")
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=cluster.openai_base_url, api_key="wrong").models.list()
+        assert cluster.balancer is not None  # and its key is not on its command line, which ps shows:
+        assert "sk-from-yaml" not in " ".join(psutil.Process(cluster.balancer.pid or 0).cmdline())
+        client = OpenAI(base_url=cluster.openai_base_url, api_key="sk-from-yaml")
         text = client.completions.create(model="from-yaml", prompt="hello", max_tokens=3).choices[0].text
         assert text
         rows = cluster.health()
