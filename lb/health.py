@@ -24,6 +24,10 @@ log = logging.getLogger("lb.health")
 class ProbeFailed(Exception):
     """A worker did not answer /health with 200 in time; the message says why."""
 
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out  # slow rather than refused or wrong: a busy worker may be alive
+
 
 class HealthChecker:
     def __init__(
@@ -59,7 +63,7 @@ class HealthChecker:
             models = await self.probe(backend.url)
         except ProbeFailed as exc:
             backend.last_check = time.time()
-            busy = "timed out" in str(exc) and backend.last_progress >= started - self.interval
+            busy = exc.timed_out and backend.last_progress >= started - self.interval
             if busy:
                 return  # it is streaming to our clients right now: slow to answer, not dead
             self.record_failure(backend, str(exc))
@@ -130,7 +134,7 @@ class HealthChecker:
                     raise ProbeFailed(f"GET {url} answered {resp.status}")
                 raw = await resp.read()
         except TimeoutError:
-            raise ProbeFailed(f"GET {url} timed out") from None
+            raise ProbeFailed(f"GET {url} timed out", timed_out=True) from None
         except aiohttp.ClientError as exc:
             raise ProbeFailed(f"GET {url} failed: {exc.__class__.__name__}: {exc}") from None
         try:
