@@ -16,7 +16,7 @@ import dataclasses
 import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -176,16 +176,24 @@ def load_config(
     description: str,
     env_prefix: str,
     environ: Mapping[str, str] | None = None,
+    translate_yaml: Callable[[dict[str, Any], str], Mapping[str, Any]] | None = None,
 ) -> C:
-    """Parse argv (exits with usage on --help or a bad flag), merge YAML and env, validate, return `cls`."""
+    """Parse argv (exits with usage on --help or a bad flag), merge YAML and env, validate, return `cls`.
+
+    `translate_yaml(data, source)` rewrites the YAML mapping into field names first, for a component that also
+    reads another file format (the launcher reads the seed's cluster YAML).
+    """
     parser = build_parser(cls, prog, description)
     args = vars(parser.parse_args(argv))
     fields = _fields(cls)
     merged: dict[str, Any] = {}
     config_path = args.pop("config", None)
     if config_path:
+        source = f"config file {config_path}"
         yaml_values = read_yaml(config_path)
-        merged.update(coerce_mapping(cls, yaml_values, f"config file {config_path}"))
+        if translate_yaml is not None:
+            yaml_values = dict(translate_yaml(yaml_values, source))
+        merged.update(coerce_mapping(cls, yaml_values, source))
     env = os.environ if environ is None else environ
     for name, (_, annotation) in fields.items():
         env_key = env_prefix + name.upper()

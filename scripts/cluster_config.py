@@ -8,17 +8,21 @@ translated by `scripts.seed_yaml`: `backend`, `model`, `port`, `output_dir`, `en
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 import types
-import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lb.settings import ConfigError, build_parser, coerce, coerce_mapping, flag_name, from_mapping, read_yaml
+from lb.settings import (
+    ConfigError,
+    coerce_mapping,
+    from_mapping,
+    load_config,
+    read_yaml,
+)
 from lb.settings import setting as s
 from scripts.seed_yaml import translate
 
@@ -193,27 +197,15 @@ CPU workers get CUDA_VISIBLE_DEVICES set to the empty string, so they never touc
 
 def load_cluster_config(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None,
                         prog: str = "start_multi_gpu_server.sh") -> ClusterConfig:
-    """Parse the launcher's command line (exits with usage on --help or a bad flag)."""
+    """Parse the launcher's command line (exits with usage on --help or a bad flag); YAML may be the seed's
+    format, and words after a bare `--` are appended to the engine arguments."""
     args = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in args:
         cut = args.index("--")
         args, extra = args[:cut], args[cut + 1:]
-    parser = build_parser(ClusterConfig, prog, DESCRIPTION)
-    parsed = vars(parser.parse_args(args))
-    merged: dict[str, Any] = {}
-    config_path = parsed.pop("config", None)
-    if config_path:
-        source = f"config file {config_path}"
-        merged.update(coerce_mapping(ClusterConfig, translate(read_yaml(config_path), source), source))
-    env = os.environ if environ is None else environ
-    hints = typing.get_type_hints(ClusterConfig)
-    for name in ClusterConfig.__dataclass_fields__:
-        key = ENV_PREFIX + name.upper()
-        if key in env:
-            merged[name] = coerce(key, env[key], hints[name])
-    for name, value in parsed.items():
-        merged[name] = coerce(flag_name(name), value, hints[name])
+    cfg = load_config(ClusterConfig, args, prog=prog, description=DESCRIPTION, env_prefix=ENV_PREFIX,
+                      environ=environ, translate_yaml=translate)
     if extra:
-        merged["engine_args"] = " ".join(filter(None, [merged.get("engine_args", ""), shlex.join(extra)]))
-    return from_mapping(ClusterConfig, merged)
+        cfg = replace(cfg, engine_args=" ".join(filter(None, [cfg.engine_args, shlex.join(extra)])))
+    return cfg
