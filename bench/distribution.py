@@ -6,24 +6,8 @@ after its run and reports the difference, so earlier traffic does not blur the f
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any
-
-
-def fetch_stats(lb_url: str, timeout: float = 5.0, admin_token: str | None = None) -> dict[str, Any] | None:
-    """The balancer's /stats document, or None when the URL is not a balancer (e.g. a worker straight)."""
-    request = urllib.request.Request(lb_url.rstrip("/") + "/stats")
-    if admin_token:
-        request.add_header("Authorization", f"Bearer {admin_token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            data = json.loads(resp.read())
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("workers"), list) else None
 
 
 @dataclass(frozen=True)

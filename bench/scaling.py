@@ -25,10 +25,11 @@ import psutil
 
 from bench.client import LoadRun, LoadSpec, run_load
 from bench.cluster import ClusterSpec, LocalCluster, WorkerSpec, exit_on_sigterm, start_balancer
-from bench.distribution import distribution, fetch_stats
+from bench.distribution import distribution
 from bench.plots import plot_lines
 from bench.results import RESULTS_PATH, command_line, markdown_table, write_section
 from lb.settings import ConfigError, load_config, setting
+from lb.stats import fetch_stats
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ async def measure_point(config: ScalingConfig, lb_url: str, n: int, policy: str,
         prompt_len=config.prompt_len, ignore_eos=True, concurrency=concurrency, num_requests=None,
         duration=config.warmup + config.measure, timeout=120.0,
     )
-    before = fetch_stats(lb_url)
+    before = fetch_stats(lb_url, timeout=5.0)
     lb_proc = psutil.Process(lb_pid)
     lb_cpu0 = sum(lb_proc.cpu_times()[:2])
     psutil.cpu_percent(None)
@@ -134,7 +135,7 @@ async def measure_point(config: ScalingConfig, lb_url: str, n: int, policy: str,
     run = await run_load(spec)
     machine_cpu = psutil.cpu_percent(None)
     lb_cpu = (sum(lb_proc.cpu_times()[:2]) - lb_cpu0) / (time.perf_counter() - wall0) * 100
-    after = fetch_stats(lb_url)
+    after = fetch_stats(lb_url, timeout=5.0)
     tokens_s, requests_s = window_rates(run, config.warmup, config.warmup + config.measure)
     per_worker = [w.requests for w in distribution(before, after).workers] if before and after else []
     return Point(

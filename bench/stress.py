@@ -20,9 +20,10 @@ from typing import Any
 from tqdm import tqdm
 
 from bench.client import ENDPOINT_PATHS, LoadRun, LoadSpec, RequestResult, run_load
-from bench.distribution import Distribution, distribution, fetch_stats
+from bench.distribution import Distribution, distribution
 from bench.results import RESULTS_PATH, command_line, write_section
 from lb.settings import ConfigError, load_config, setting
+from lb.stats import fetch_stats
 
 DEFAULT_NUM_REQUESTS = 50
 
@@ -95,7 +96,7 @@ class StressReport:
 
 async def stress(config: StressConfig) -> StressReport:
     spec = config.load_spec()
-    before = await asyncio.to_thread(fetch_stats, config.url, 5.0, config.admin_token)
+    before = await asyncio.to_thread(fetch_stats, config.url, config.admin_token, 5.0)
     bar = tqdm(total=spec.num_requests, unit="req", disable=not config.progress, file=sys.stderr, leave=False)
 
     def on_result(result: RequestResult) -> None:
@@ -105,7 +106,7 @@ async def stress(config: StressConfig) -> StressReport:
         run = await run_load(spec, on_result)
     finally:
         bar.close()
-    after = await asyncio.to_thread(fetch_stats, config.url, 5.0, config.admin_token) if before else None
+    after = await asyncio.to_thread(fetch_stats, config.url, config.admin_token, 5.0) if before else None
     return StressReport(run, distribution(before, after) if before and after else None)
 
 

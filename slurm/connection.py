@@ -11,10 +11,10 @@ import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
+
+from lb.stats import fetch_stats
 
 CONNECTION_FILE = "connection.json"
 POLL_INTERVAL_S = 1.0
@@ -40,19 +40,6 @@ def write_connection(job_dir: Path, record: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
     return path
-
-
-def fetch_stats(url: str, token: str | None, timeout: float = 3.0) -> dict[str, Any] | None:
-    """The balancer's GET /stats, or None while it does not answer."""
-    request = urllib.request.Request(url.rstrip("/") + "/stats")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            data = json.loads(resp.read())
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def tunnel_command(record: dict[str, Any]) -> str:

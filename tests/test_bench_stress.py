@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bench.cluster import ClusterSpec, LocalCluster, WorkerSpec, start_balancer
-from bench.distribution import fetch_stats
+from lb.stats import fetch_stats
 from tests.processes import REPO_ROOT
 from tests.processes import test_env as child_env
 
