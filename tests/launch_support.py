@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,11 +52,6 @@ def script(name: str, *args: str, timeout: float = 180) -> subprocess.CompletedP
     """Run scripts/<name>.sh with this interpreter (IB_PYTHON skips the venv lookup)."""
     return subprocess.run(["bash", str(REPO_ROOT / "scripts" / f"{name}.sh"), *args], capture_output=True,
                           text=True, timeout=timeout, env=test_env(IB_PYTHON=sys.executable), cwd=REPO_ROOT)
-
-
-def get_json(url: str, timeout: float = 5) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.load(resp)
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.25) -> None:

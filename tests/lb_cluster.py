@@ -11,7 +11,7 @@ from typing import Any
 import openai
 
 from tests.conftest import SpawnFn
-from tests.processes import ManagedProcess, free_port, python_module
+from tests.processes import ManagedProcess, free_port, get_json, python_module
 
 FAST = ("--max-wait-time", "0")  # no batch-fill wait: the fake engine answers at once
 
@@ -61,11 +61,6 @@ def start_lb(spawn: SpawnFn, workers: list[Proc] | list[str], *args: str, wait_h
     lb = Proc(spawn(cmd, name="lb"), port)
     lb.proc.wait_http_ok(lb.url + ("/health" if urls and wait_healthy else "/stats"))
     return lb
-
-
-def get_json(url: str, timeout: float = 5) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.loads(resp.read())
 
 
 def post_json(url: str, body: dict[str, Any], method: str = "POST", timeout: float = 30) -> tuple[int, Any]:

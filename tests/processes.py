@@ -7,6 +7,7 @@ and `stop()` signals the whole group, so nothing a test started outlives it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,6 +92,12 @@ class ManagedProcess:
             self.popen.wait(5)
         self._log.close()
         return self.popen.returncode
+
+
+def get_json(url: str, timeout: float = 5.0) -> Any:
+    """GET `url` and decode its JSON body (raises on a non-2xx answer)."""
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
 
 
 def python_module(module: str, *args: str) -> list[str]:

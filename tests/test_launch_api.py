@@ -12,8 +12,7 @@ from openai import AuthenticationError, OpenAI
 from lb.settings import ConfigError
 from scripts.cluster import LocalCluster, create_cluster
 from scripts.run_dir import RunDirError
-from tests.launch_support import get_json
-from tests.processes import free_port
+from tests.processes import free_port, get_json
 
 pytestmark = pytest.mark.system
 

@@ -16,8 +16,8 @@ from openai import OpenAI
 
 from scripts.cluster import LaunchError, LocalCluster
 from scripts.run_dir import process_alive
-from tests.launch_support import Launched, get_json, wait_until
-from tests.processes import free_port
+from tests.launch_support import Launched, wait_until
+from tests.processes import free_port, get_json
 
 pytestmark = pytest.mark.system
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from scripts.cluster import LocalCluster
-from tests.launch_support import Launched, get_json
-from tests.processes import free_port
+from tests.launch_support import Launched
+from tests.processes import free_port, get_json
 
 pytestmark = pytest.mark.system
 

@@ -13,8 +13,8 @@ import psutil
 import pytest
 
 from scripts.cluster import LocalCluster
-from tests.launch_support import Launched, get_json, script, wait_until
-from tests.processes import free_port, python_module
+from tests.launch_support import Launched, script, wait_until
+from tests.processes import free_port, get_json, python_module
 
 pytestmark = pytest.mark.system
 

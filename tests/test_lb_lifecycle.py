@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from tests.conftest import SpawnFn
-from tests.lb_cluster import Proc, get_json, post_json, start_lb, start_workers, wait_until, workers_stats
-from tests.processes import free_port, python_module
+from tests.lb_cluster import Proc, post_json, start_lb, start_workers, wait_until, workers_stats
+from tests.processes import free_port, get_json, python_module
 
 SdkFor = Callable[..., openai.AsyncOpenAI]
 MESSAGES = [{"role": "user", "content": "hello"}]

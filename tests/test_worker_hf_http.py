@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI, BadRequestError, NotFoundError
 
-from tests.processes import ManagedProcess, free_port, python_module
+from tests.processes import ManagedProcess, free_port, get_json, python_module
 
 MAX_MODEL_LEN = 512
 BATCH_SIZE = 16
@@ -46,11 +46,6 @@ def worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 async def client(worker: str) -> AsyncIterator[AsyncOpenAI]:
     async with AsyncOpenAI(base_url=worker + "/v1", api_key="unused", max_retries=0, timeout=60) as sdk:
         yield sdk
-
-
-def get_json(url: str, timeout: float = 10.0) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return dict(json.loads(resp.read()))
 
 
 def metric(worker: str, name: str) -> float:
@@ -107,7 +102,7 @@ async def test_health_answers_quickly_while_a_long_batch_runs(worker: str, clien
         await asyncio.sleep(0.3)
         for _ in range(10):
             started = time.monotonic()
-            health = await asyncio.to_thread(get_json, worker + "/health")
+            health = await asyncio.to_thread(get_json, worker + "/health", 10.0)
             probes.append(time.monotonic() - started)
             assert health["status"] == "ok"
             running_seen = max(running_seen, int(health["running"]))
@@ -168,7 +163,7 @@ async def test_disconnected_stream_frees_its_slot_and_stops_generating(
             break
     await stream.close()  # the client goes away mid-generation
     for _ in range(200):  # up to ~10 s for the worker to notice the closed connection
-        health = get_json(worker + "/health")
+        health = get_json(worker + "/health", 10.0)
         if not health["running"]:
             break
         await asyncio.sleep(0.05)
