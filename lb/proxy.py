@@ -93,8 +93,7 @@ class Proxy:
         started = time.perf_counter()
         exchange = AiohttpExchange(request)
         try:
-            if self._keys:
-                check_bearer(request.headers.get("Authorization"), self._keys)
+            self.check_key(request.headers.get("Authorization"))
             body = await read_body(request, self._max_body, whole=self._router.needs_model)
         except BalancerError as exc:
             reply = self.refuse(exchange, exc)
