@@ -9,10 +9,11 @@ import sys
 
 from aiohttp import web
 
-from lb.app import PROXY, STATE, create_app
+from lb.app import create_app
 from lb.config import BalancerConfig, load
 from lb.front import Front
 from lb.settings import ConfigError
+from lb.state import STATE
 
 log = logging.getLogger("lb")
 
@@ -28,7 +29,7 @@ async def serve(config: BalancerConfig) -> None:
     if config.fast_front:
         # the lean front takes the hot endpoints; it hands any other connection to aiohttp's protocol
         assert runner.server is not None  # set by setup()
-        front = Front(app[PROXY], runner.server, config.max_body_size)
+        front = Front(app[STATE].proxy, runner.server, config.max_body_size)
         await front.start(config.host, config.port)
     else:
         await web.TCPSite(runner, config.host, config.port, backlog=2048).start()

@@ -89,10 +89,11 @@ async def balancer() -> AsyncIterator[Any]:
     """`await balancer(workers, **settings)`: lb.create_app served in-process; returns its URL."""
     from aiohttp import web
 
-    from lb.app import PROXY, create_app
+    from lb.app import create_app
     from lb.config import BalancerConfig
     from lb.front import Front
     from lb.settings import from_mapping
+    from lb.state import STATE
 
     runners: list[web.AppRunner] = []
     fronts: list[Front] = []
@@ -108,7 +109,7 @@ async def balancer() -> AsyncIterator[Any]:
         port = free_port()
         if config.fast_front:  # as `python -m lb` serves: the lean front, aiohttp for everything else
             assert runner.server is not None
-            front = Front(app[PROXY], runner.server, config.max_body_size)
+            front = Front(app[STATE].proxy, runner.server, config.max_body_size)
             await front.start("127.0.0.1", port)
             fronts.append(front)
         else:

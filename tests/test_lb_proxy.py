@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from lb.app import POOL
+from lb.state import STATE
 from tests.lb_upstream import both_loops, chat
 
 CHAT = "/v1/chat/completions"
@@ -96,7 +96,7 @@ async def test_client_disconnect_cancels_upstream_and_releases_in_flight(
 ) -> None:
     up = await upstreams()
     url = await balancer([up], fast_front=fast_front)
-    backend = balancer.apps[0][POOL].backends[0]
+    backend = balancer.apps[0][STATE].pool.backends[0]
     resp = await http.post(url + CHAT, json=chat(stream=True, hold=True))
     await resp.content.readuntil(b"\n\n")
     assert backend.in_flight == 1
@@ -148,7 +148,7 @@ async def test_in_flight_counts_never_drift_under_mixed_load(
         up.chunks = 20
     settings = {"max_inflight_per_worker": cap, "max_queue": 1000} if cap else {}
     url = await balancer(ups, policy="power_of_two", **settings)
-    pool = balancer.apps[0][POOL]
+    pool = balancer.apps[0][STATE].pool
 
     async def one(i: int) -> None:
         body = chat(stream=i % 2 == 0)
