@@ -62,6 +62,12 @@ class BalancerConfig:
         "serve the hot endpoints (chat/completions, completions, embeddings, generate) with the lean "
         "HTTP/1.1 front; everything else, and all of it with --no-fast-front, goes through aiohttp",
     )
+    data_dir: str = setting(
+        "~/.cache/inference-balancer/data",
+        "directory for what the balancer must not lose across restarts: its SQLite database (batches, jobs, "
+        "checkpoint registry) and uploaded / output files",
+        metavar="DIR",
+    )
     drain_timeout: float = setting(30.0, "seconds in-flight requests may take to finish on SIGTERM/SIGINT")
     log_level: str = setting("info", "logging level", choices=LOG_LEVELS)
 
