@@ -51,6 +51,14 @@ def tiny_model_dir() -> Path:
     return target
 
 
+@pytest.fixture(scope="session")
+def tiny_dllm_dir() -> Path:
+    """The tiny masked-diffusion model (served with --trust-remote-code), built once into the same cache."""
+    from workers import tiny_model
+
+    return tiny_model.ensure_cached(seed=0, cache_dir=CACHE_DIR, kind="dllm")
+
+
 @pytest_asyncio.fixture(loop_scope="function")
 async def sdk_for() -> AsyncIterator[Callable[..., Any]]:
     """`sdk_for(lb)`: an AsyncOpenAI client on a balancer (lb_cluster.Proc), closed while the loop runs."""
