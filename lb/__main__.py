@@ -9,6 +9,7 @@ import sys
 
 from aiohttp import web
 
+from lb.aiohttp_server import AiohttpConnections
 from lb.app import create_app
 from lb.config import BalancerConfig, load
 from lb.front import Front
@@ -25,14 +26,11 @@ async def serve(config: BalancerConfig) -> None:
         app, access_log=None, handler_cancellation=True, shutdown_timeout=config.drain_timeout
     )
     await runner.setup()  # runs cleanup_ctx startup: session, first probe of every worker, health checker
-    front: Front | None = None
-    if config.fast_front:
-        # the lean front takes the hot endpoints; it hands any other connection to aiohttp's protocol
-        assert runner.server is not None  # set by setup()
-        front = Front(app[STATE].proxy, runner.server, config.max_body_size)
-        await front.start(config.host, config.port)
-    else:
-        await web.TCPSite(runner, config.host, config.port, backlog=2048).start()
+    # the front owns the socket: it bounds every connection and serves the hot endpoints itself (unless
+    # --no-fast-front); it hands any other connection to aiohttp's protocol
+    assert runner.server is not None  # set by setup()
+    front = Front(app[STATE].proxy, AiohttpConnections(runner.server), config)
+    await front.start(config.host, config.port)
     state = app[STATE]
     log.info(
         "listening on http://%s:%d, policy %s, %d worker(s)",
@@ -53,9 +51,7 @@ async def serve(config: BalancerConfig) -> None:
     # both servers drain at once, each within --drain-timeout: the front waits for its running requests (their
     # upstream connections stay open); aiohttp closes its socket, waits for its handlers, then runs the
     # cleanup_ctx exit (stop the checker, close idle upstream connections and the probe session)
-    await asyncio.gather(
-        front.shutdown(config.drain_timeout) if front is not None else asyncio.sleep(0), runner.cleanup()
-    )
+    await asyncio.gather(front.shutdown(config.drain_timeout), runner.cleanup())
     log.info("stopped")
 
 

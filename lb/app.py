@@ -44,7 +44,14 @@ def _session() -> aiohttp.ClientSession:
 
 
 def create_app(config: BalancerConfig) -> web.Application:
-    app = web.Application(client_max_size=config.max_body_size, handler_args={"max_field_size": 65536})
+    app = web.Application(
+        client_max_size=config.max_body_size,
+        handler_args={  # for connections the front hands to aiohttp: the same bounds as the front's
+            "max_field_size": config.max_header_line,
+            "max_line_size": config.max_header_line,
+            "keepalive_timeout": config.keepalive_timeout,
+        },
+    )
     pool = BackendPool()
     for url in config.worker_urls():
         pool.add(url)
