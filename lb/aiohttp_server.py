@@ -8,18 +8,31 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from lb.errors import BalancerError, BodyTooLarge, InvalidHttpRequest, RequestHeaderTooLarge, error_response
+from lb.errors import (
+    BalancerError,
+    BodyTooLarge,
+    Handler,
+    InvalidHttpRequest,
+    RequestHeaderTooLarge,
+    error_response,
+)
 
 log = logging.getLogger("lb.front")
 
 
 class InternalError(BalancerError):
     code = "internal_error"
+
+
+class HttpError(BalancerError):
+    """An HTTP-level refusal of aiohttp's router (a method a route does not take, ...)."""
+
+    type = "invalid_request_error"
 
 
 class JsonErrorsHandler(RequestHandler):
@@ -55,6 +68,40 @@ class JsonErrorsHandler(RequestHandler):
         response = error_response(error)
         response.force_close()
         return response
+
+
+@web.middleware
+async def json_http_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own HTTP exceptions (an unknown method on a route, a body over client_max_size) as JSON."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error: BalancerError = BodyTooLarge(exc.reason) if exc.status == 413 else InternalError(exc.reason)
+        if 400 <= exc.status < 500 and exc.status != 413:
+            error = HttpError(exc.reason)
+        error.status = exc.status
+        response = error_response(error)
+        for name in ("Allow", "Retry-After"):
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
+
+
+def check_request(request: web.Request, max_head: int) -> None:
+    """What aiohttp's parser lets through but a proxy must refuse, as the front refuses it
+    (lb/request_head.py): an HTTP/0.9 request line (how llhttp reads a bare LF in a target), a head over
+    --max-header-size in all, two Authorization headers."""
+    if request.version not in (HttpVersion10, HttpVersion11):
+        raise InvalidHttpRequest("Only HTTP/1.0 and HTTP/1.1 requests are served.")
+    size = (
+        len(request.method) + len(request.raw_path) + sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
+    )
+    if size > max_head:
+        raise RequestHeaderTooLarge(f"The request head exceeds {max_head} bytes.")
+    if len(request.headers.getall("Authorization", ())) > 1:
+        raise InvalidHttpRequest("The request has more than one Authorization header.")
 
 
 class AiohttpConnections:

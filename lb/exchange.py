@@ -23,6 +23,7 @@ Reply = web.StreamResponse | None  # what an aiohttp handler returns; None when 
 HOP_BY_HOP = frozenset(name.decode() for name in RAW_HOP_BY_HOP)
 AIOHTTP_SETS = HOP_BY_HOP | {"date", "server"}  # aiohttp adds its own
 log = logging.getLogger("lb.exchange")
+CLOSE_AFTER = frozenset({400, 408, 413, 431})  # refusals after which nothing more is read from the client
 
 
 class Exchange(Protocol):
@@ -114,7 +115,10 @@ class AiohttpExchange:
         return self._out
 
     def fail(self, exc: BalancerError) -> Reply:
-        return error_response(exc)
+        response = error_response(exc)
+        if exc.status in CLOSE_AFTER:
+            response.force_close()  # its body may be unread, or its bytes untrustworthy
+        return response
 
     def gone(self) -> Reply:
         return self._out

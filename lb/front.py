@@ -39,6 +39,7 @@ from lb.request_head import RequestHead, parse_head
 
 FRONT_PATHS = frozenset(path.encode() for path in HOT_PATHS)
 log = logging.getLogger("lb.front")
+LINGER_S = 2.0  # seconds a refused connection is still read (and dropped) before it is closed
 
 
 @dataclass(frozen=True)
@@ -262,15 +263,24 @@ class FrontProtocol(asyncio.Protocol):
         )
 
     def _refuse(self, exc: BalancerError) -> None:
-        """Answer the balancer's own error and close: the bytes after a bad head are never read."""
+        """Answer the balancer's own error and close: the bytes after a bad head are never read as a request.
+
+        A lingering close, as nginx does: our side is shut for writing, what the client still sends is read
+        and dropped for up to LINGER_S, so the answer is not lost to a reset from unread bytes."""
         log.info("refused a request (%d): %s", exc.status, exc.message)
         self._handed_over = True
         self._buffer.clear()
-        self._disarm()
         self._proxy.rejected(exc)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(error_bytes(exc, close=True))
-            self.transport.close()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(error_bytes(exc, close=True))
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._arm(LINGER_S, transport.close)
+        else:
+            self._disarm()
+            transport.close()
 
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
         if self._timer is not None:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from aiohttp import web
 
 from lb.admission import Admission
+from lb.aiohttp_server import check_request
 from lb.auth import check_bearer
 from lb.backends import Backend, BackendPool
 from lb.config import BalancerConfig
@@ -79,6 +80,7 @@ class Proxy:
         )
         self._max_body = config.max_body_size
         self._body_timeout = config.body_timeout
+        self._max_head = config.max_header_size
         self._max_retries = config.max_retries
         self.total_requests = 0
         self.draining = False  # shutdown began: new requests get 503 (lb/shutdown.py)
@@ -93,8 +95,7 @@ class Proxy:
         try:
             if not exchange.target:
                 raise InvalidHttpRequest("The request target must be an origin-form path of visible ASCII.")
-            if len(request.headers.getall("Authorization", ())) > 1:
-                raise InvalidHttpRequest("The request has more than one Authorization header.")
+            check_request(request, self._max_head)
             self.check_key(request.headers.get("Authorization"))
             try:  # the whole body, before the request may take a worker slot
                 async with asyncio.timeout(self._body_timeout):
