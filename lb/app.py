@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from lb import api_status
+from lb import api_solve, api_status
 from lb.admin import Admin
 from lb.admission import Admission
 from lb.backends import BackendPool
 from lb.config import BalancerConfig
 from lb.health import HealthChecker
+from lb.jobs import api_jobs
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
 from lb.policies import POLICIES
@@ -60,6 +61,8 @@ def create_app(config: BalancerConfig) -> web.Application:
     app[STATE] = BalancerState(config, pool, ModelRouter(pool), admission, metrics)
     app.cleanup_ctx.append(_client_and_checker)
     api_status.add_routes(app)
+    api_jobs.add_routes(app)  # also starts the job runner, after the start-up steps above
+    api_solve.add_routes(app)
     api_status.add_catch_all(app)  # last: it matches every path
     return app
 
