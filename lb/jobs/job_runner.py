@@ -146,7 +146,7 @@ class JobRunner:
             if job.status == "cancelling":
                 await self._finish(job, kind, "cancelled")
                 return
-            earlier = [list(self.batches.results(b)) for b in job.batch_ids[: job.phase]]
+            earlier = [await self._results(b) for b in job.batch_ids[: job.phase]]
             lines = await asyncio.to_thread(kind.lines, job, self.job_dir(job.id), job.phase, earlier)
             if not lines:  # e.g. no phase-one line of a self-instruct job gave an instruction
                 await self._finish(job, kind, "completed")
@@ -175,9 +175,17 @@ class JobRunner:
         else:
             await self._finish(job, kind, "cancelled" if job.status == "cancelling" else "completed")
 
+    async def _results(self, batch_id: str) -> Lines:
+        """A batch's output and error records; the files are read in a thread (a batch may hold 100k lines)."""
+        records = self.batches.results(batch_id)
+        first = next(records, None)  # the database lookup runs here, on the loop; the rest is file reading
+        if first is None:
+            return []
+        return [first, *await asyncio.to_thread(list, records)]
+
     async def _finish(self, job: Job, kind: JobKind, status: str, error: str | None = None) -> None:
         """Post-process what came back (partial for cancelled or expired jobs) and record the result."""
-        results = [list(self.batches.results(b)) for b in job.batch_ids]
+        results = [await self._results(b) for b in job.batch_ids]
         results += [[] for _ in range(kind.phases(job) - len(results))]
         result = await asyncio.to_thread(kind.finish, job, self.job_dir(job.id), results)
         self.store.finish(job, status, result, error)
