@@ -315,6 +315,7 @@ def test_jobs_are_listed_by_type_and_status_and_counted(cluster: Cluster) -> Non
     }
     status, listed = call("GET", cluster.lb + "/jobs?type=data_gen")
     assert listed["data"] and {j["type"] for j in listed["data"]} == {"data_gen"}
+    assert call("GET", cluster.lb + "/data_gen/jobs")[1]["data"] == listed["data"]
     status, listed = call("GET", cluster.lb + "/jobs?limit=1")
     assert len(listed["data"]) == 1
     status, stats = call("GET", cluster.lb + "/jobs/stats")

@@ -5,6 +5,7 @@
     POST /data_gen/jobs          GET /data_gen/jobs/{id}   POST /data_gen/jobs/{id}/cancel
     GET /data_gen/jobs/{id}/shards/{file}
     GET /jobs?type=&status=&limit=   GET /jobs/stats   GET /jobs/{id}   POST /jobs/{id}/cancel
+    GET /eval/jobs, GET /data_gen/jobs (= GET /jobs?type=...)
 
 With --api-key every route needs a key, and a job belongs to the key that created it (another key gets 404).
 """
@@ -148,7 +149,8 @@ async def cancel(request: web.Request) -> web.Response:
 
 async def list_jobs(request: web.Request) -> web.Response:
     query = request.query
-    type_, status = query.get("type") or None, query.get("status") or None
+    type_ = request.match_info.get("type") or query.get("type") or None  # GET /eval/jobs: that type only
+    status = query.get("status") or None
     if type_ is not None and type_ not in JOB_TYPES:
         raise InvalidField(f"type must be one of {', '.join(JOB_TYPES)}", param="type")
     if status is not None and status not in STATUSES:
@@ -220,6 +222,7 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/data_gen/jobs/{job_id}", answers_errors(get_data_gen))
     router.add_get("/data_gen/jobs/{job_id}/shards/{file}", answers_errors(data_gen_shard))
     router.add_post("/{type:eval|data_gen}/jobs/{job_id}/cancel", answers_errors(cancel))
+    router.add_get("/{type:eval|data_gen}/jobs", answers_errors(list_jobs))
     router.add_get("/jobs", answers_errors(list_jobs))
     router.add_get("/jobs/stats", answers_errors(job_stats))
     router.add_get("/jobs/{job_id}", answers_errors(get_any))
