@@ -113,6 +113,7 @@ async def balancer() -> AsyncIterator[Any]:
     async def _start(workers: list[Any], **settings: Any) -> str:
         urls = [w if isinstance(w, str) else w.url for w in workers]
         values = {"workers": urls, "health_check_interval": 0.2, "health_check_timeout": 0.5, **settings}
+        values.setdefault("data_dir", tempfile.mkdtemp(prefix="lb-data-"))  # never the user's own data
         config = from_mapping(BalancerConfig, values)
         app = create_app(config)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1)
