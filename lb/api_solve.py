@@ -18,9 +18,10 @@ from typing import Any
 
 from aiohttp import web
 
+from lb.admission import is_bulk
 from lb.errors import answers_errors
 from lb.jobs.answers import extract_code, extract_math_answer
-from lb.jobs.api_jobs import owner_of
+from lb.jobs.auth import owner_of
 from lb.jobs.request_fields import GENERATION_FIELDS, Fields, Generation, json_object
 from lb.state import STATE
 
@@ -50,7 +51,7 @@ async def _solve(
     ]
     started = time.perf_counter()
     status, body = await request.app[STATE].batches.send_one(
-        CHAT, generation.body(model, messages), bulk=_is_bulk(request)
+        CHAT, generation.body(model, messages), bulk=is_bulk(request.raw_headers)
     )
     elapsed = time.perf_counter() - started
     if status != 200:
@@ -67,10 +68,6 @@ async def _solve(
             "usage": body.get("usage"),
         }
     )
-
-
-def _is_bulk(request: web.Request) -> bool:
-    return request.headers.get("X-LB-Priority", "").strip().lower() == "bulk"
 
 
 def _content(body: dict[str, Any]) -> str:

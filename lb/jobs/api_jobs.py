@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +25,7 @@ from aiohttp import web
 from lb.datastore import connect, data_path
 from lb.errors import ModelNotFound, NotFound, answers_errors
 from lb.jobs import data_gen, eval_job
+from lb.jobs.auth import owner_of
 from lb.jobs.job_runner import JobRunner
 from lb.jobs.job_store import JOB_TYPES, STATUSES, Job, JobStore
 from lb.jobs.request_fields import InvalidField, json_object
@@ -34,7 +34,6 @@ from lb.state import STATE, BalancerState
 
 log = logging.getLogger("lb.jobs")
 
-MAX_DATASET_LINES = 100_000  # samples one eval or data-gen job may hold
 LIST_LIMIT = (20, 1000)  # default and largest `limit` of GET /jobs
 
 
@@ -44,17 +43,6 @@ class JobNotFound(NotFound):
 
 def _state(request: web.Request) -> BalancerState:
     return request.app[STATE]
-
-
-def owner_of(request: web.Request) -> str | None:
-    """Check the API key (with --api-key) and return its digest, the owner of what it creates; else None."""
-    state = _state(request)
-    header = request.headers.get("Authorization")
-    state.proxy.check_key(header)
-    if not state.config.api_keys():
-        return None
-    token = (header or "")[7:].strip()
-    return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 def check_model(state: BalancerState, model_id: str) -> None:
@@ -107,7 +95,7 @@ def _job(request: web.Request, type_: str | None) -> Job:
 async def create_eval(request: web.Request) -> web.Response:
     state, owner = _state(request), owner_of(request)
     body = await json_object(request)
-    spec = await asyncio.to_thread(eval_job.parse, body, datasets_dir(state), MAX_DATASET_LINES)
+    spec = await asyncio.to_thread(eval_job.parse, body, datasets_dir(state), state.config.batch_max_lines)
     check_model(state, spec.request["model_id"])
     kind = eval_job.EvalKind()
     job = await state.jobs.submit(
@@ -119,7 +107,7 @@ async def create_eval(request: web.Request) -> web.Response:
 async def create_data_gen(request: web.Request) -> web.Response:
     state, owner = _state(request), owner_of(request)
     body = await json_object(request)
-    spec = await asyncio.to_thread(data_gen.parse, body, datasets_dir(state), MAX_DATASET_LINES)
+    spec = await asyncio.to_thread(data_gen.parse, body, datasets_dir(state), state.config.batch_max_lines)
     check_model(state, spec.request["model_id"])
     kind = data_gen.DataGenKind()
     job = await state.jobs.submit(

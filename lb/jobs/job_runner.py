@@ -176,7 +176,7 @@ class JobRunner:
             await self._finish(job, kind, "cancelled" if job.status == "cancelling" else "completed")
 
     async def _results(self, batch_id: str) -> Lines:
-        """A batch's output and error records; the files are read in a thread (a batch may hold 100k lines)."""
+        """A batch's output and error records, read in a thread (a batch may hold 100k lines)."""
         records = self.batches.results(batch_id)
         first = next(records, None)  # the database lookup runs here, on the loop; the rest is file reading
         if first is None:
