@@ -86,7 +86,7 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
         unhealthy_threshold=config.unhealthy_threshold,
         healthy_threshold=config.healthy_threshold,
     )
-    state.admin = Admin(state.pool, state.health, config.admin_token, config.drain_timeout)
+    state.admin = Admin(state.pool, state.health, config.admin_secret(), config.drain_timeout)
     # 3. the proxy's upstream client: no total timeout, a stream that keeps producing may run for hours;
     #    silence is what times out
     client = UpstreamClient(connect_timeout=config.connect_timeout, read_timeout=config.request_timeout)
