@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from lb import api_status
+from lb import api_solve, api_status
 from lb.admin import Admin
 from lb.admission import Admission
 from lb.backends import BackendPool
 from lb.config import BalancerConfig
 from lb.health import HealthChecker
-from lb.jobs import api_batches, api_files
+from lb.jobs import api_batches, api_files, api_jobs
 from lb.jobs.batches import BatchService
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
@@ -65,6 +65,8 @@ def create_app(config: BalancerConfig) -> web.Application:
     api_status.add_routes(app)
     api_files.add_routes(app)
     api_batches.add_routes(app)
+    api_jobs.add_routes(app)  # also starts the job runner, after the start-up steps above
+    api_solve.add_routes(app)
     api_status.add_catch_all(app)  # last: it matches every path
     return app
 

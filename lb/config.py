@@ -91,6 +91,12 @@ class BalancerConfig:
         "(set it to the workers' --batch-size to keep their batches full)",
         metavar="N",
     )
+    datasets_dir: str | None = setting(
+        None,
+        "directory of the JSONL datasets that eval and data-generation jobs name by `dataset_ref` "
+        "(default: DATA_DIR/datasets)",
+        metavar="DIR",
+    )
     drain_timeout: float = setting(30.0, "seconds in-flight requests may take to finish on SIGTERM/SIGINT")
     log_level: str = setting("info", "logging level", choices=LOG_LEVELS)
 
