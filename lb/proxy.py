@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 
-from lb.admission import Admission
+from lb.admission import Admission, is_bulk
 from lb.aiohttp_server import check_request
 from lb.auth import check_bearer
 from lb.backends import Backend, BackendPool
@@ -178,8 +178,9 @@ class Proxy:
         tried: frozenset[int] = frozenset()
         retries = 0
         headers = self.worker_headers(exchange)
+        bulk = is_bulk(exchange.raw_headers)  # the client stepped aside: it waits behind interactive traffic
         while True:
-            backend = await self._admission.choose(current, tried)
+            backend = await self._admission.choose(current, tried, bulk=bulk)
             can_retry = (
                 retries < self._max_retries
                 and not isinstance(body, AsyncIterator)
@@ -193,7 +194,7 @@ class Proxy:
                 and model not in backend.models
             ):
                 sent = rewrite_model(body, served_name(backend, model))  # matched by normalised name
-            async with pool.track(backend):
+            async with pool.track(backend, bulk):
                 outcome = await self._attempt(exchange, backend, headers, sent, retries, can_retry, started)
             if not isinstance(outcome, _Retry):
                 return outcome
