@@ -32,8 +32,10 @@ def engine(tiny_dllm_dir: Path) -> DllmEngine:
     return loaded
 
 
-def params(gen_length: int = 16, temperature: float = 0.0, seed: int | None = None, stop: tuple[str, ...] = (),
-           ignore_eos: bool = True, **diffusion: Any) -> SamplingParams:
+def params(
+    gen_length: int = 16, temperature: float = 0.0, seed: int | None = None, stop: tuple[str, ...] = (),
+    ignore_eos: bool = True, **diffusion: Any,
+) -> SamplingParams:
     return SamplingParams(max_new_tokens=gen_length, temperature=temperature, seed=seed, stop=stop,
                           ignore_eos=ignore_eos, diffusion=DiffusionParams(**diffusion))
 

@@ -133,7 +133,9 @@ def test_generate_streams_blocks_then_the_answer(lb_url: str) -> None:
     ({"threshold": 2}, "threshold"),
     ({"top_p": 0.5}, "top_p"),
 ])
-def test_bad_diffusion_parameters_get_400_naming_the_field(lb_url: str, extra: dict[str, Any], field: str) -> None:
+def test_bad_diffusion_parameters_get_400_naming_the_field(
+    lb_url: str, extra: dict[str, Any], field: str,
+) -> None:
     body = {"model": "tiny-dllm", "prompt": "hello there, how are you today?", "max_tokens": 16, **extra}
     status, answer = post_json(lb_url + "/v1/completions", body)
     assert status == 400, answer

@@ -54,7 +54,7 @@ def test_dllm_same_seed_gives_same_bytes_and_loads_bidirectional(tiny_dllm_dir: 
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    rebuilt = tiny_model.build_dllm(tmp_path / "again", seed=0, train_bytes=300_000)  # weights ignore the corpus
+    rebuilt = tiny_model.build_dllm(tmp_path / "again", seed=0, train_bytes=300_000)  # weights: corpus-free
     for name in ("model.safetensors", "config.json", "modeling_tiny_dllm.py"):
         assert (rebuilt / name).read_bytes() == (tiny_dllm_dir / name).read_bytes()
     tokenizer = AutoTokenizer.from_pretrained(tiny_dllm_dir, trust_remote_code=True)
