@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from lb import api_status
+from lb import api_cluster, api_status, logs
 from lb.admin import Admin
 from lb.admission import Admission
 from lb.backends import BackendPool
@@ -21,6 +21,7 @@ from lb.model_routing import ModelRouter
 from lb.policies import POLICIES
 from lb.proxy import Proxy
 from lb.state import STATE, BalancerState
+from lb.telemetry import TelemetryGatherer
 from lb.upstream import UpstreamClient
 
 log = logging.getLogger("lb")
@@ -58,8 +59,11 @@ def create_app(config: BalancerConfig) -> web.Application:
     metrics = Metrics(pool, lambda: admission.depth)
     admission.on_wait = metrics.queue_wait.observe
     app[STATE] = BalancerState(config, pool, ModelRouter(pool), admission, metrics)
+    app[STATE].log_files = config.log_files()
     app.cleanup_ctx.append(_client_and_checker)
     api_status.add_routes(app)
+    api_cluster.add_routes(app)
+    logs.add_routes(app)
     api_status.add_catch_all(app)  # last: it matches every path
     return app
 
@@ -89,9 +93,20 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
     # 4. a first probe of every worker, so those already up take traffic from the first request
     await state.health.check_all()
     task = asyncio.create_task(state.health.run(), name="lb-health")
+    # 5. the telemetry gatherer behind /cluster and the dashboard: background reads, never on a request
+    state.telemetry = TelemetryGatherer(
+        state.pool,
+        state.session,
+        state.metrics.recent,
+        lambda: state.admission.depth,
+        interval=config.telemetry_interval,
+        timeout=min(config.telemetry_interval, config.health_check_timeout),
+    )
+    telemetry = asyncio.create_task(state.telemetry.run(), name="lb-telemetry")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for background in (telemetry, task):
+        background.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await background
     client.close()
     await state.session.close()

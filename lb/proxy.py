@@ -30,6 +30,7 @@ from lb.health import HealthChecker
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter, rewrite_model, served_name
 from lb.request_body import model_of, read_body
+from lb.tracing import request_id
 from lb.upstream import UpstreamClient, UpstreamError, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger("lb.proxy")
@@ -144,6 +145,7 @@ class Proxy:
             current = _empty  # known model, nobody healthy serving it: 503 from admission
         tried: frozenset[int] = frozenset()
         retries = 0
+        rid = request_id(exchange.raw_headers)  # one id for every attempt
         while True:
             backend = await self._admission.choose(current, tried)
             can_retry = (
@@ -160,7 +162,7 @@ class Proxy:
             ):
                 sent = rewrite_model(body, served_name(backend, model))  # matched by normalised name
             async with pool.track(backend):
-                outcome = await self._attempt(exchange, backend, sent, retries, can_retry, started)
+                outcome = await self._attempt(exchange, backend, sent, retries, can_retry, started, rid)
             if not isinstance(outcome, _Retry):
                 return outcome
             log.info("retrying on another backend: backend %d %s", backend.index, outcome.reason)
@@ -176,10 +178,13 @@ class Proxy:
         retries: int,
         can_retry: bool,
         started: float,
+        rid: tuple[bytes, bool],
     ) -> Reply | _Retry:
         self._metrics.overhead.observe(time.perf_counter() - started)
         drop = REQUEST_DROP_AUTH if self._keys else REQUEST_DROP_RAW  # the client's key is not the worker's
         headers = [(k, v) for k, v in exchange.raw_headers if k.lower() not in drop]
+        if not rid[1]:
+            headers.append((b"X-Request-ID", rid[0]))
         try:
             upstream = await self._client.request(
                 backend.host,
@@ -202,7 +207,7 @@ class Proxy:
                 return _Retry(str(exc))
             raise UpstreamFailed(f"Worker {backend.index} failed: {exc}") from None
         try:
-            return await self._relay(exchange, backend, upstream, retries, can_retry, started)
+            return await self._relay(exchange, backend, upstream, retries, can_retry, started, rid[0])
         finally:
             upstream.release()  # back to the pool if read to the end, else closed (the worker stops)
 
@@ -214,13 +219,18 @@ class Proxy:
         retries: int,
         can_retry: bool,
         started: float,
+        rid: bytes,
     ) -> Reply | _Retry:
         status = upstream.status
         if status in RETRY_STATUSES and can_retry:
             backend.errors += status != 429
             return _Retry(f"answered {status}")
         ttfb = time.perf_counter()
-        extra = [("X-LB-Worker", backend.label), ("X-LB-Retries", str(retries))]
+        extra = [
+            ("X-LB-Worker", backend.label),
+            ("X-LB-Retries", str(retries)),
+            ("X-Request-ID", rid.decode("latin-1")),
+        ]
         length = upstream.content_length
         is_sse = upstream.content_type.startswith("text/event-stream")
         if length is not None and length <= RESPONSE_BUFFER_LIMIT and not is_sse:

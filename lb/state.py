@@ -16,6 +16,7 @@ from lb.health import HealthChecker
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
 from lb.proxy import Proxy
+from lb.telemetry import TelemetryGatherer
 
 
 @dataclass
@@ -33,11 +34,13 @@ class BalancerState:
     metrics: Metrics
     started: float = field(default_factory=time.monotonic)
     draining: bool = False  # set when shutdown begins: /health answers 503
+    log_files: dict[str, str] = field(default_factory=dict)  # GET /logs/NAME -> path (--log-file)
     # set by the start-up context (lb/app.py), before the first request is served
     session: aiohttp.ClientSession = field(init=False)
     health: HealthChecker = field(init=False)
     admin: Admin = field(init=False)
     proxy: Proxy = field(init=False)
+    telemetry: TelemetryGatherer = field(init=False)
 
 
 STATE = web.AppKey("balancer_state", BalancerState)
