@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 CHROMIUM_FLAGS = (
     "--headless",
@@ -26,14 +27,16 @@ def chromium_paths() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-def start_chromium(width: int = 1366, height: int = 900):  # noqa: ANN201 - selenium's WebDriver, imported late
+def start_chromium(width: int = 1366, height: int = 900) -> Any:
     """A headless Chromium with a fresh profile; the caller quits it (and the profile is removed then)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     paths = chromium_paths()
     if paths is None:
-        raise RuntimeError("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+        raise RuntimeError(
+            "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+        )
     browser, driver = paths
     profile = Path(tempfile.mkdtemp(prefix="ib-chromium-"))
     options = webdriver.ChromeOptions()
