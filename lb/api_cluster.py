@@ -86,7 +86,7 @@ def cluster_document(state: BalancerState) -> dict[str, Any]:
             "recent": _window(overall),
         },
         "workers": workers,
-        "jobs": [],
+        "jobs": telemetry.work,
         "history": {
             name: [getattr(point, name) for point in history]
             for name in (

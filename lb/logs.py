@@ -37,7 +37,7 @@ def tail(path: str, lines: int) -> bytes:
 
 async def get_log(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    check_admin(request, state.config.admin_token)
+    check_admin(request, state.config.admin_secret())
     component = request.match_info["component"]
     path = state.log_files.get(component)
     if path is None:
@@ -57,7 +57,7 @@ async def get_log(request: web.Request) -> web.Response:
 
 
 async def list_logs(request: web.Request) -> web.Response:
-    check_admin(request, request.app[STATE].config.admin_token)
+    check_admin(request, request.app[STATE].config.admin_secret())
     return web.json_response({"components": sorted(request.app[STATE].log_files)})
 
 

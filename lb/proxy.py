@@ -9,19 +9,21 @@ arrives. Response bodies are never parsed. Entry points: `handle` (aiohttp route
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 
-from lb.admission import Admission
+from lb.admission import Admission, is_bulk
 from lb.auth import check_bearer
 from lb.backends import Backend, BackendPool
 from lb.config import BalancerConfig
 from lb.errors import (
     BalancerError,
     GatewayTimeout,
+    ShuttingDown,
     UpstreamFailed,
     sse_error_event,
 )
@@ -88,6 +90,10 @@ class Proxy:
         self._max_body = config.max_body_size
         self._max_retries = config.max_retries
         self.total_requests = 0
+        self.draining = False  # shutdown began: new requests get 503 (lb/shutdown.py)
+        self._streams: set[asyncio.Task[object]] = set()  # tasks relaying a stream right now
+        self._cutting = False  # the drain deadline passed: a cancelled stream ends with an SSE error event
+        self.streams_cut = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp route for every proxied path the lean front did not take."""
@@ -109,6 +115,8 @@ class Proxy:
         """Route, admit and relay one authenticated request whose body was read (or is streaming)."""
         self.total_requests += 1
         try:
+            if self.draining:
+                raise ShuttingDown("The balancer is shutting down; send the request to another instance.")
             model = None
             if self._router.needs_model and isinstance(body, bytes):
                 model = model_of(body)
@@ -117,6 +125,15 @@ class Proxy:
         except BalancerError as exc:
             self._metrics.rejected(exc.status)
             return exchange.fail(exc)
+
+    def cut_streams(self) -> int:
+        """The drain deadline: cancel every running stream; SSE streams end with an error event (see
+        `_stream`), others are aborted. Returns how many were cut."""
+        self._cutting = True
+        streams = list(self._streams)
+        for task in streams:
+            task.cancel()
+        return len(streams)
 
     def check_key(self, header: str | None) -> None:
         if self._keys:
@@ -145,9 +162,10 @@ class Proxy:
             current = _empty  # known model, nobody healthy serving it: 503 from admission
         tried: frozenset[int] = frozenset()
         retries = 0
+        bulk = is_bulk(exchange.raw_headers)  # the client stepped aside: it waits behind interactive traffic
         rid = request_id(exchange.raw_headers)  # one id for every attempt
         while True:
-            backend = await self._admission.choose(current, tried)
+            backend = await self._admission.choose(current, tried, bulk=bulk)
             can_retry = (
                 retries < self._max_retries
                 and not isinstance(body, AsyncIterator)
@@ -161,7 +179,7 @@ class Proxy:
                 and model not in backend.models
             ):
                 sent = rewrite_model(body, served_name(backend, model))  # matched by normalised name
-            async with pool.track(backend):
+            async with pool.track(backend, bulk):
                 outcome = await self._attempt(exchange, backend, sent, retries, can_retry, started, rid)
             if not isinstance(outcome, _Retry):
                 return outcome
@@ -255,6 +273,9 @@ class Proxy:
         started: float,
         ttfb: float,
     ) -> Reply:
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
         try:
             async for chunk in upstream.chunks():
                 backend.last_progress = time.monotonic()
@@ -278,6 +299,16 @@ class Proxy:
                 raise  # abort the connection so the client sees a truncated body
             await exchange.write(sse_error_event(f"Worker {backend.index} failed mid-stream: {exc}"))
             return await exchange.end()
+        except asyncio.CancelledError:
+            if not (self._cutting and is_sse):
+                raise  # the client left, or a stream without events to end it: abort the connection
+            task.uncancel()  # cut at the drain deadline: end the stream visibly, then let the front close
+            self.streams_cut += 1
+            message = "The balancer is shutting down and its drain deadline passed; this stream was cut."
+            await exchange.write(sse_error_event(message, "service_unavailable", "shutting_down"))
+            return await exchange.end()
+        finally:
+            self._streams.discard(task)
         reply = await exchange.end()
         self._account(backend, upstream.status, started, ttfb)
         return reply

@@ -148,6 +148,7 @@ class TelemetryGatherer:
         *,
         interval: float,
         timeout: float,
+        work: Callable[[], list[dict[str, Any]]] = list,
     ) -> None:
         self._pool = pool
         self._session = session
@@ -158,6 +159,8 @@ class TelemetryGatherer:
         self.workers: dict[int, WorkerTelemetry] = {}
         self.history: deque[HistoryPoint] = deque(maxlen=max(1, math.ceil(HISTORY_SECONDS / interval)))
         self.overall: WindowStats | None = None  # the last RECENT_SECONDS, every backend
+        self._work = work
+        self.work: list[dict[str, Any]] = []  # running batches and jobs (lb/progress.py)
 
     async def run(self) -> None:
         """One round per interval until cancelled; a round never outlasts the fetch timeout by much."""
@@ -180,6 +183,7 @@ class TelemetryGatherer:
         for index, telemetry in self.workers.items():
             telemetry.recent = by_backend.get(index)
         self._append_history(backends)
+        self.work = self._work()
 
     async def _read(self, backend: Backend, telemetry: WorkerTelemetry) -> None:
         now = time.monotonic()

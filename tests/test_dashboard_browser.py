@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
+from tests.batch_support import jsonl, line, submit, wait_batch
 from tests.browser import chromium_paths, start_chromium
 from tests.lb_cluster import FAST
 from tests.processes import ManagedProcess, free_port, get_json, python_module
@@ -40,7 +42,16 @@ class Cluster:
     def start_worker(self, port: int) -> ManagedProcess:
         proc = ManagedProcess(
             python_module(
-                "workers", "--engine", "fake", "--port", str(port), "--log-level", "warning", *FAST
+                "workers",
+                "--engine",
+                "fake",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                *FAST,
+                "--fake-step-latency",
+                "0.01",  # a batch then runs for seconds: long enough to watch its bar
             ),
             self.log_dir / f"worker-{port}-{len(self.started)}.log",
         )
@@ -221,3 +232,18 @@ def test_playground_shows_a_streamed_reply(page: Any) -> None:
     output = page.find_element("css selector", "#pg-output").text
     chunks = int(status.text.split()[1])
     assert len(output.split()) >= 8 and chunks > 1  # the page read several SSE deltas, not one body
+
+
+def test_running_batch_shows_a_progress_bar_with_eta(page: Any, cluster: Cluster) -> None:
+    sdk = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0)
+    batch_id = submit(sdk, jsonl([line(i, max_tokens=48) for i in range(300)]))
+    row = f'#jobs .job[data-job="{batch_id}"]'
+    wait_for(lambda: page.find_elements("css selector", row), what="the batch's bar")
+    bar = page.find_element("css selector", row + " .bar > div")
+    wait_for(
+        lambda: float(bar.value_of_css_property("width").removesuffix("px")) > 0, what="a bar that moved"
+    )
+    wait_for(lambda: "ETA" in page.find_element("css selector", row + " .eta").text, what="an ETA")
+    done = wait_batch(sdk, batch_id, timeout=60)
+    assert done.status == "completed"
+    wait_for(lambda: not page.find_elements("css selector", row), what="the finished batch's bar to go")

@@ -162,7 +162,7 @@ function renderJobs(jobs) {
     row.className = "job";
     row.dataset.job = job.id;
     row.innerHTML = '<span class="name"></span><div class="bar"><div></div></div><span class="eta"></span>';
-    row.querySelector(".name").textContent = `${job.kind || "job"} ${job.id} · ${job.status || ""}`;
+    row.querySelector(".name").textContent = `${job.kind || "job"} ${job.name || job.id} · ${job.status || ""}`;
     row.querySelector(".bar > div").style.width = pct.toFixed(1) + "%";
     row.querySelector(".eta").textContent = `${done}/${total || "?"} (${pct.toFixed(0)}%) · ETA ${duration(eta)}`;
     box.appendChild(row);
@@ -365,7 +365,7 @@ $("#pg-form").addEventListener("submit", async (event) => {
 fetch("/config", { cache: "no-store" })
   .then((r) => r.json())
   .then((config) => {
-    adminTokenSet = Boolean(config.admin_token);
+    adminTokenSet = Boolean(config.admin_token || config.admin_token_file);
     if (adminTokenSet && !tokenInput.value) {
       $(".admin").classList.add("wanted");
       tokenInput.placeholder = "needed for the buttons";
