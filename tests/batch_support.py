@@ -7,7 +7,6 @@ import io
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,15 +72,23 @@ class Cluster:
     """Fake workers and one `python -m lb` on a data directory of its own; the balancer can be killed and
     started again on the same directory."""
 
-    def __init__(self, tmp: Path, workers: int, worker_args: tuple[str, ...] = (), lb_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        tmp: Path,
+        workers: int,
+        worker_args: tuple[str, ...] = (),
+        lb_args: tuple[str, ...] = (),
+        engine: tuple[str, ...] = ("--engine", "fake"),
+    ) -> None:
         self.tmp = tmp
+        self.engine = engine
         self.data_dir = tmp / "data"
         self.lb_args = lb_args
         self.workers: list[tuple[ManagedProcess, str]] = []
         for i in range(workers):
             self.workers.append(self.start_worker(i, worker_args))
         for proc, url in self.workers:
-            proc.wait_http_ok(url + "/health")
+            proc.wait_http_ok(url + "/health", timeout=120)
         self.lb_port = free_port()
         self.lb: ManagedProcess | None = None
         self._lb_runs = 0
@@ -89,7 +96,7 @@ class Cluster:
 
     def start_worker(self, i: int, args: tuple[str, ...], port: int | None = None) -> tuple[ManagedProcess, str]:
         port = port or free_port()
-        cmd = python_module("workers", "--engine", "fake", "--port", str(port), "--log-level", "warning",
+        cmd = python_module("workers", *self.engine, "--port", str(port), "--log-level", "warning",
                             "--max-wait-time", "0", *args)
         return ManagedProcess(cmd, self.tmp / f"worker-{i}-{port}.log"), f"http://127.0.0.1:{port}"
 
@@ -116,5 +123,3 @@ class Cluster:
         for proc in procs:
             proc.stop()
 
-    def ids(self, recs: list[dict[str, Any]]) -> Iterator[str]:
-        return (r["custom_id"] for r in recs)
