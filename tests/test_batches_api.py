@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -11,6 +13,7 @@ import openai
 import pytest
 
 from tests.batch_support import Cluster, jsonl, line, records, submit, upload, wait_batch
+from tests.processes import python_module, test_env
 
 KEY, OTHER_KEY = "key-alice", "key-bob"
 MAX_LINES, MAX_BODY, MAX_FILE = 100, 64 * 1024, 1_000_000
@@ -157,3 +160,23 @@ def test_batches_list_pages_with_after_and_limit(client: openai.OpenAI) -> None:
     assert [b.id for b in page.data] == made[::-1][:2] and page.has_more
     following = client.batches.list(limit=2, after=page.data[-1].id)
     assert following.data[0].id == made[0]
+
+
+def test_jobs_cli_submits_follows_and_downloads(cluster: Cluster, tmp_path: Path) -> None:
+    source = tmp_path / "prompts.jsonl"
+    source.write_bytes(jsonl([line(i) for i in range(30)]))
+    cli = ("--url", cluster.url, "--api-key", KEY)
+    done = subprocess.run(
+        python_module("lb.jobs", "submit", str(source), *cli, "--wait", "--poll-interval", "0.1",
+                      "--output-dir", str(tmp_path / "out")),
+        capture_output=True, text=True, env=test_env(), timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "completed: 30 completed, 0 failed" in done.stderr and "req" in done.stderr  # the tqdm bar
+    output = Path(done.stdout.split()[0])
+    assert sorted(json.loads(r)["custom_id"] for r in output.read_text().splitlines()) == sorted(
+        f"req-{i}" for i in range(30))
+    batch_id = output.name.removesuffix("_output.jsonl")
+    shown = subprocess.run(python_module("lb.jobs", "status", batch_id, *cli), capture_output=True, text=True,
+                           env=test_env(), timeout=30, check=True)
+    assert shown.stdout.strip() == f"{batch_id} completed 30/30 completed, 0 failed"

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from tests.batch_support import MODEL, Cluster, jsonl, line, submit, wait_batch
+from tests.processes import get_json
 
 STEP = ("--fake-step-latency", "0.005")  # 5 ms per decode step: a 20-token answer takes ~0.1 s
 
@@ -44,6 +45,8 @@ def test_interactive_requests_are_served_ahead_of_a_saturating_batch(cluster: Cl
     busy = statistics.median(interactive_latencies(client, 8))
     batch = client.batches.retrieve(batch_id)
     assert batch.status == "in_progress", "the batch ended before the interactive requests were measured"
+    running = {b["id"]: b for b in get_json(cluster.url + "/stats")["batches"]}
+    assert running[batch_id]["total"] == 600 and 0 < running[batch_id]["completed"] < 600
     # behind the batch's ~600 queued lines an interactive request would wait seconds; ahead of them it waits
     # at most for one decode slot of a busy worker
     assert busy < 3 * idle + 0.1, f"interactive p50 {busy:.3f}s with the batch vs {idle:.3f}s idle"
