@@ -22,7 +22,9 @@ def one_backend_pool() -> BackendPool:
 
 async def test_bulk_waits_while_an_interactive_request_is_queued() -> None:
     pool = one_backend_pool()
-    admission = Admission(pool, RoundRobin(), max_inflight_per_worker=1, max_queue=8, queue_timeout=5, bulk_cap=1)
+    admission = Admission(
+        pool, RoundRobin(), max_inflight_per_worker=1, max_queue=8, queue_timeout=5, bulk_cap=1
+    )
     backend = pool.backends[0]
     order: list[str] = []
 
@@ -47,7 +49,9 @@ async def test_bulk_waits_while_an_interactive_request_is_queued() -> None:
 
 async def test_bulk_never_takes_more_than_its_cap_but_interactive_still_gets_in() -> None:
     pool = one_backend_pool()
-    admission = Admission(pool, RoundRobin(), max_inflight_per_worker=None, max_queue=8, queue_timeout=5, bulk_cap=2)
+    admission = Admission(
+        pool, RoundRobin(), max_inflight_per_worker=None, max_queue=8, queue_timeout=5, bulk_cap=2
+    )
     backend = pool.backends[0]
     for _ in range(2):
         chosen = await admission.choose(lambda: pool.routable, bulk=True)

@@ -1,4 +1,4 @@
-"""The OpenAI Files and Batches API through the unmodified OpenAI SDK, against `python -m lb` and fake workers."""
+"""OpenAI Files and Batches through the unmodified OpenAI SDK, against `python -m lb` and fake workers."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -26,8 +26,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         tmp,
         workers=2,
         worker_args=("--fake-step-latency", "0.002"),
-        lb_args=("--api-key", KEY, "--api-key", OTHER_KEY, "--batch-max-lines", str(MAX_LINES),
-                 "--max-body-size", str(MAX_BODY), "--batch-max-file-size", str(MAX_FILE)),
+        lb_args=(
+            "--api-key",
+            KEY,
+            "--api-key",
+            OTHER_KEY,
+            "--batch-max-lines",
+            str(MAX_LINES),
+            "--max-body-size",
+            str(MAX_BODY),
+            "--batch-max-file-size",
+            str(MAX_FILE),
+        ),
     )
     yield cluster
     cluster.stop()
@@ -42,7 +52,11 @@ def test_sdk_round_trip_gives_one_output_line_per_input_line(client: openai.Open
     batch_id = submit(client, jsonl([line(i) for i in range(40)]))
     batch = wait_batch(client, batch_id)
     assert batch.status == "completed"
-    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (40, 40, 0)
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (
+        40,
+        40,
+        0,
+    )
     out = records(client, batch.output_file_id)
     assert sorted(r["custom_id"] for r in out) == sorted(f"req-{i}" for i in range(40))
     for record in out:
@@ -137,7 +151,9 @@ def test_unsupported_endpoint_is_400(client: openai.OpenAI) -> None:
     assert info.value.body["code"] == "unsupported_endpoint"  # type: ignore[index]
 
 
-def test_files_and_batches_belong_to_the_key_that_created_them(cluster: Cluster, client: openai.OpenAI) -> None:
+def test_files_and_batches_belong_to_the_key_that_created_them(
+    cluster: Cluster, client: openai.OpenAI
+) -> None:
     batch = wait_batch(client, submit(client, jsonl([line(i) for i in range(3)])))
     other = cluster.client(OTHER_KEY)
     with pytest.raises(openai.NotFoundError):
@@ -167,16 +183,36 @@ def test_jobs_cli_submits_follows_and_downloads(cluster: Cluster, tmp_path: Path
     source.write_bytes(jsonl([line(i) for i in range(30)]))
     cli = ("--url", cluster.url, "--api-key", KEY)
     done = subprocess.run(
-        python_module("lb.jobs", "submit", str(source), *cli, "--wait", "--poll-interval", "0.1",
-                      "--output-dir", str(tmp_path / "out")),
-        capture_output=True, text=True, env=test_env(), timeout=60, check=False,
+        python_module(
+            "lb.jobs",
+            "submit",
+            str(source),
+            *cli,
+            "--wait",
+            "--poll-interval",
+            "0.1",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ),
+        capture_output=True,
+        text=True,
+        env=test_env(),
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert "completed: 30 completed, 0 failed" in done.stderr and "req" in done.stderr  # the tqdm bar
     output = Path(done.stdout.split()[0])
     assert sorted(json.loads(r)["custom_id"] for r in output.read_text().splitlines()) == sorted(
-        f"req-{i}" for i in range(30))
+        f"req-{i}" for i in range(30)
+    )
     batch_id = output.name.removesuffix("_output.jsonl")
-    shown = subprocess.run(python_module("lb.jobs", "status", batch_id, *cli), capture_output=True, text=True,
-                           env=test_env(), timeout=30, check=True)
+    shown = subprocess.run(
+        python_module("lb.jobs", "status", batch_id, *cli),
+        capture_output=True,
+        text=True,
+        env=test_env(),
+        timeout=30,
+        check=True,
+    )
     assert shown.stdout.strip() == f"{batch_id} completed 30/30 completed, 0 failed"

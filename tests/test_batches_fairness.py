@@ -30,8 +30,9 @@ def interactive_latencies(client: openai.OpenAI, n: int) -> list[float]:
     took = []
     for i in range(n):
         started = time.perf_counter()
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"now {i}"}],
-                                       max_tokens=20)
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"now {i}"}], max_tokens=20
+        )
         took.append(time.perf_counter() - started)
     return took
 

@@ -10,14 +10,26 @@ from tests.batch_support import CHAT, Cluster, jsonl, records, submit, wait_batc
 def test_batch_on_the_tiny_hf_model_returns_generated_text_for_every_line(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    cluster = Cluster(tmp_path, workers=1, engine=("--engine", "hf", "--model-path", str(tiny_model_dir),
-                                                   "--device", "cpu"))
+    cluster = Cluster(
+        tmp_path, workers=1, engine=("--engine", "hf", "--model-path", str(tiny_model_dir), "--device", "cpu")
+    )
     try:
         client = cluster.client()
         model = client.models.list().data[0].id
-        lines = [{"custom_id": f"q{i}", "method": "POST", "url": CHAT,
-                  "body": {"model": model, "messages": [{"role": "user", "content": f"count to {i}"}],
-                           "max_tokens": 4, "temperature": 0}} for i in range(6)]
+        lines = [
+            {
+                "custom_id": f"q{i}",
+                "method": "POST",
+                "url": CHAT,
+                "body": {
+                    "model": model,
+                    "messages": [{"role": "user", "content": f"count to {i}"}],
+                    "max_tokens": 4,
+                    "temperature": 0,
+                },
+            }
+            for i in range(6)
+        ]
         batch = wait_batch(client, submit(client, jsonl(lines)), timeout=120)
         assert batch.status == "completed" and batch.request_counts.completed == 6
         out = {r["custom_id"]: r["response"]["body"] for r in records(client, batch.output_file_id)}

@@ -1,6 +1,6 @@
 """`python -m lb.jobs submit|status|cancel|download`: run a batch on a balancer and follow it.
 
-    python -m lb.jobs submit prompts.jsonl --url http://127.0.0.1:8000 --wait   # upload, create, follow, download
+    python -m lb.jobs submit prompts.jsonl --url http://127.0.0.1:8000 --wait  # upload, create, follow, get
     python -m lb.jobs status BATCH_ID --url ...        # one line of progress (or --json for the whole object)
     python -m lb.jobs cancel BATCH_ID --url ...
     python -m lb.jobs download BATCH_ID --url ... --output-dir results/
@@ -53,7 +53,9 @@ def submit(args: argparse.Namespace) -> int:
         completion_window=args.completion_window,  # type: ignore[arg-type]
         metadata=dict(item.split("=", 1) for item in args.metadata) or None,
     )
-    print(f"batch {batch.id} created from {path} ({uploaded.bytes} bytes, file {uploaded.id})", file=sys.stderr)
+    print(
+        f"batch {batch.id} created from {path} ({uploaded.bytes} bytes, file {uploaded.id})", file=sys.stderr
+    )
     if not args.wait:
         print(batch.id)
         return 0
@@ -72,7 +74,7 @@ def follow(client: openai.OpenAI, batch_id: str, interval: float) -> Any:
             if counts is not None:
                 bar.total = counts.total or None
                 bar.n = counts.completed + counts.failed
-            tokens = batch.usage.output_tokens if getattr(batch, "usage", None) else 0
+            tokens = batch.usage.output_tokens if batch.usage is not None else 0
             now = time.monotonic()
             rate = (tokens - last_tokens) / max(now - last_time, 1e-9)
             last_tokens, last_time = tokens, now
@@ -87,8 +89,11 @@ def follow(client: openai.OpenAI, batch_id: str, interval: float) -> Any:
 
 def finish(client: openai.OpenAI, batch: Any, output_dir: Path) -> int:
     counts = batch.request_counts
-    print(f"batch {batch.id} {batch.status}: {counts.completed if counts else 0} completed, "
-          f"{counts.failed if counts else 0} failed", file=sys.stderr)
+    print(
+        f"batch {batch.id} {batch.status}: {counts.completed if counts else 0} completed, "
+        f"{counts.failed if counts else 0} failed",
+        file=sys.stderr,
+    )
     if batch.errors and batch.errors.data:
         for error in batch.errors.data[:10]:
             print(f"  line {error.line}: {error.code}: {error.message}", file=sys.stderr)
@@ -114,8 +119,10 @@ def status(args: argparse.Namespace) -> int:
         print(batch.model_dump_json(indent=2))
     else:
         counts = batch.request_counts
-        print(f"{batch.id} {batch.status} {counts.completed if counts else 0}/{counts.total if counts else 0} "
-              f"completed, {counts.failed if counts else 0} failed")
+        print(
+            f"{batch.id} {batch.status} {counts.completed if counts else 0}/{counts.total if counts else 0} "
+            f"completed, {counts.failed if counts else 0} failed"
+        )
     return 0
 
 
@@ -129,7 +136,9 @@ def download(args: argparse.Namespace) -> int:
     client = client_for(args)
     batch = client.batches.retrieve(args.batch_id)
     if batch.status not in FINISHED:
-        print(f"batch {batch.id} is {batch.status}: its files are published when it finishes", file=sys.stderr)
+        print(
+            f"batch {batch.id} is {batch.status}: its files are published when it finishes", file=sys.stderr
+        )
         return 1
     for path in download_files(client, batch, Path(args.output_dir)):
         print(path)
@@ -137,8 +146,9 @@ def download(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="python -m lb.jobs", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    root = argparse.ArgumentParser(
+        prog="python -m lb.jobs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = root.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -152,7 +162,9 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--endpoint", help="default: the url of the file's first line")
     sub.add_argument("--completion-window", default="24h", help="unsent lines expire after it (default: 24h)")
     sub.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
-    sub.add_argument("--wait", action="store_true", help="follow it with a progress bar and download the results")
+    sub.add_argument(
+        "--wait", action="store_true", help="follow it with a progress bar and download the results"
+    )
     sub.add_argument("--poll-interval", type=float, default=1.0, help="seconds between progress reads")
     sub.add_argument("--output-dir", default=".", help="where --wait writes BATCH_output/errors.jsonl")
     sub.set_defaults(run=submit)

@@ -92,10 +92,12 @@ class BatchRun:
                     continue
                 try:
                     item = json.loads(raw)
-                    item["custom_id"], item["body"]  # noqa: B018 - validated before the run; checked again
+                    item["custom_id"], item["body"]
                 except (ValueError, KeyError, TypeError):
-                    log.error("batch %s: skipping a malformed input line (the file changed after validation)",
-                              self.batch_id)
+                    log.error(
+                        "batch %s: skipping a malformed input line (the file changed after validation)",
+                        self.batch_id,
+                    )
                     continue
                 if item["custom_id"] in self.done:
                     continue
