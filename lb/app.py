@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from lb import api_status
+from lb import api_solve, api_status
 from lb.admin import Admin
 from lb.admission import Admission
+from lb.aiohttp_server import json_http_errors
 from lb.backends import BackendPool
 from lb.config import BalancerConfig
 from lb.health import HealthChecker
-from lb.jobs import api_batches, api_files
+from lb.jobs import api_batches, api_files, api_jobs
 from lb.jobs.batches import BatchService
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
@@ -46,7 +47,16 @@ def _session() -> aiohttp.ClientSession:
 
 
 def create_app(config: BalancerConfig) -> web.Application:
-    app = web.Application(client_max_size=config.max_body_size, handler_args={"max_field_size": 65536})
+    app = web.Application(
+        middlewares=[json_http_errors],
+        client_max_size=config.max_body_size,
+        handler_args={  # for connections the front hands to aiohttp: the same bounds as the front's
+            "max_field_size": config.max_header_line,
+            "max_line_size": config.max_header_line,
+            "keepalive_timeout": config.keepalive_timeout,
+            "lingering_time": 2.0,  # seconds an unread body is drained after a refusal, as the front does
+        },
+    )
     pool = BackendPool()
     for url in config.worker_urls():
         pool.add(url)
@@ -65,6 +75,8 @@ def create_app(config: BalancerConfig) -> web.Application:
     api_status.add_routes(app)
     api_files.add_routes(app)
     api_batches.add_routes(app)
+    api_jobs.add_routes(app)  # also starts the job runner, after the start-up steps above
+    api_solve.add_routes(app)
     api_status.add_catch_all(app)  # last: it matches every path
     return app
 

@@ -91,7 +91,41 @@ class BalancerConfig:
         "(set it to the workers' --batch-size to keep their batches full)",
         metavar="N",
     )
+    datasets_dir: str | None = setting(
+        None,
+        "directory of the JSONL datasets that eval and data-generation jobs name by `dataset_ref` "
+        "(default: DATA_DIR/datasets)",
+        metavar="DIR",
+    )
     drain_timeout: float = setting(30.0, "seconds in-flight requests may take to finish on SIGTERM/SIGINT")
+    header_timeout: float = setting(
+        10.0, "seconds a client has to send a whole request head, from its first byte (408 after)"
+    )
+    body_timeout: float = setting(
+        60.0,
+        "seconds a client has to send a whole request body once its head arrived (408 after); the body is "
+        "received before the request takes a worker slot",
+    )
+    keepalive_timeout: float = setting(
+        75.0, "seconds an idle client connection is kept open between requests"
+    )
+    max_header_size: int = setting(
+        64 * 1024,
+        "largest request head (request line and all headers) in bytes (431 beyond)",
+        metavar="BYTES",
+    )
+    max_header_line: int = setting(
+        16 * 1024, "largest request line or single header line in bytes (431 beyond)", metavar="BYTES"
+    )
+    max_connections: int = setting(
+        4096, "open client connections; a new one above it is answered 503 and closed", metavar="N"
+    )
+    worker_api_key: str | None = setting(
+        None,
+        "key sent to workers as 'Authorization: Bearer KEY' in place of the client's credentials; clients' "
+        "Authorization / X-API-Key are never forwarded when --api-key is set",
+        metavar="KEY",
+    )
     log_level: str = setting("info", "logging level", choices=LOG_LEVELS)
 
     def __post_init__(self) -> None:
@@ -107,6 +141,9 @@ class BalancerConfig:
             "connect_timeout",
             "request_timeout",
             "queue_timeout",
+            "header_timeout",
+            "body_timeout",
+            "keepalive_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0")
@@ -114,6 +151,9 @@ class BalancerConfig:
             "unhealthy_threshold",
             "healthy_threshold",
             "max_body_size",
+            "max_header_size",
+            "max_header_line",
+            "max_connections",
             "batch_max_lines",
             "batch_max_file_size",
             "batch_max_inflight_per_worker",
