@@ -15,21 +15,23 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from lb.backends import Backend, BackendPool
-from lb.errors import NoHealthyBackend, QueueFull
+from lb.errors import QueueFull
 from lb.policies import Policy
+from lb.work import PLAIN, Work
 
 Candidates = Callable[[], Sequence[Backend]]  # re-evaluated at each grant: health can change while waiting
 
 
 class _Waiter:
-    __slots__ = ("candidates", "exclude", "future")
+    __slots__ = ("candidates", "exclude", "future", "work")
 
     def __init__(
-        self, candidates: Candidates, exclude: frozenset[int], future: asyncio.Future[Backend]
+        self, candidates: Candidates, exclude: frozenset[int], future: asyncio.Future[Backend], work: Work
     ) -> None:
         self.candidates = candidates
         self.exclude = exclude
         self.future = future
+        self.work = work  # what the policy may read of the request when it picks for this waiter
 
 
 class Admission:
@@ -62,32 +64,34 @@ class Admission:
         assert cap is not None
         return [b for b in candidates if b.in_flight + b.reserved < cap and b.index not in exclude]
 
-    async def choose(self, candidates: Candidates, exclude: frozenset[int] = frozenset()) -> Backend:
+    async def choose(
+        self, candidates: Candidates, exclude: frozenset[int] = frozenset(), work: Work = PLAIN
+    ) -> Backend:
         """A routable backend for one attempt; the caller enters `pool.track(backend)` without awaiting first.
 
-        Raises NoHealthyBackend when no candidate is routable, QueueFull when the queue is full or the wait
-        times out.
+        Raises NoHealthyBackend when no candidate is routable (WorkersBusy when all are resting after a
+        Retry-After), QueueFull when the queue is full or the wait times out.
         """
         current = candidates()
         if exclude:
             current = [b for b in current if b.index not in exclude]
         if not current:
-            raise NoHealthyBackend("No healthy backend is available for this request; retry shortly.")
+            raise self._pool.unavailable()
         if self.cap is None:
-            return self._policy.choose(current)
+            return self._policy.choose(current, work)
         if not self._queue:
             free = self._available(current, exclude)
             if free:
-                return self._policy.choose(free)
+                return self._policy.choose(free, work)
         if len(self._queue) >= self.max_queue:
             raise QueueFull(
                 f"All workers are busy and {self.max_queue} requests are already queued; retry later."
             )
-        return await self._wait(candidates, exclude)
+        return await self._wait(candidates, exclude, work)
 
-    async def _wait(self, candidates: Candidates, exclude: frozenset[int]) -> Backend:
+    async def _wait(self, candidates: Candidates, exclude: frozenset[int], work: Work) -> Backend:
         future: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(candidates, exclude, future)
+        waiter = _Waiter(candidates, exclude, future, work)
         self._queue.append(waiter)
         started = time.perf_counter()
         self._dispatch()  # other waiters' models may leave capacity this one can use right away
@@ -120,14 +124,12 @@ class Admission:
                 continue
             candidates = waiter.candidates()
             if not candidates:
-                waiter.future.set_exception(
-                    NoHealthyBackend("No healthy backend is available for this request; retry shortly.")
-                )
+                waiter.future.set_exception(self._pool.unavailable())
                 self._queue.remove(waiter)
                 continue
             free = self._available(candidates, waiter.exclude)
             if free:
-                backend = self._policy.choose(free)
+                backend = self._policy.choose(free, waiter.work)
                 backend.reserved += 1
                 self._queue.remove(waiter)
                 waiter.future.set_result(backend)

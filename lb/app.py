@@ -18,7 +18,7 @@ from lb.config import BalancerConfig
 from lb.health import HealthChecker
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
-from lb.policies import POLICIES
+from lb.policies import POLICIES, Tuning
 from lb.proxy import Proxy
 from lb.state import STATE, BalancerState
 from lb.upstream import UpstreamClient
@@ -46,11 +46,11 @@ def _session() -> aiohttp.ClientSession:
 def create_app(config: BalancerConfig) -> web.Application:
     app = web.Application(client_max_size=config.max_body_size, handler_args={"max_field_size": 65536})
     pool = BackendPool()
-    for url in config.worker_urls():
-        pool.add(url)
+    for url, weight in config.worker_specs():
+        pool.add(url, weight=weight)
     admission = Admission(
         pool,
-        POLICIES[config.policy](),
+        POLICIES[config.policy](Tuning(affinity_max_load=config.affinity_max_load)),
         config.max_inflight_per_worker,
         config.max_queue,
         config.queue_timeout,

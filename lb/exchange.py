@@ -13,7 +13,7 @@ from typing import Protocol
 from aiohttp import web
 from multidict import CIMultiDict
 
-from lb.errors import BalancerError, error_body, error_response
+from lb.errors import BalancerError, error_body, error_headers, error_response
 
 Reply = web.StreamResponse | None  # what an aiohttp handler returns; None when the front wrote it itself
 # hop-by-hop (RFC 9110 7.6.1) or recomputed on our side of the connection
@@ -202,9 +202,7 @@ class FrontExchange:
 
     def fail(self, exc: BalancerError) -> Reply:
         body = error_body(exc.message, exc.type, exc.code, exc.param)
-        extra = [("Content-Type", "application/json")]
-        if exc.retry_after is not None:
-            extra.append(("Retry-After", str(exc.retry_after)))
+        extra = [("Content-Type", "application/json"), *error_headers(exc)]
         return self.respond(exc.status, [], extra, body)
 
     def gone(self) -> Reply:

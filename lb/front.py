@@ -127,6 +127,7 @@ class FrontProtocol(asyncio.Protocol):
         lengths = 0
         keep_alive = True
         authorization: bytes | None = None
+        api_key: bytes | None = None
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
             if not sep or not name or name != name.strip():  # obs-fold or space before ':': let aiohttp judge
@@ -144,6 +145,8 @@ class FrontProtocol(asyncio.Protocol):
                 keep_alive = b"close" not in value.lower()
             elif lower == b"authorization":
                 authorization = value
+            elif lower == b"x-api-key":
+                api_key = value
             headers.append((name, value))
         if lengths > 1 or length > self._max_body:
             return self._hand_over()  # aiohttp answers 400 / 413
@@ -158,13 +161,22 @@ class FrontProtocol(asyncio.Protocol):
             headers,
             keep_alive and not self._closing,
         )
-        self.task = self._loop.create_task(self._serve(exchange, body, authorization))
+        self.task = self._loop.create_task(self._serve(exchange, body, authorization, api_key))
 
-    async def _serve(self, exchange: FrontExchange, body: bytes | None, authorization: bytes | None) -> None:
+    async def _serve(
+        self,
+        exchange: FrontExchange,
+        body: bytes | None,
+        authorization: bytes | None,
+        api_key: bytes | None,
+    ) -> None:
         started = time.perf_counter()
         try:
             try:
-                self._proxy.check_key(authorization.decode("latin-1") if authorization is not None else None)
+                self._proxy.check_key(
+                    authorization.decode("latin-1") if authorization is not None else None,
+                    api_key.decode("latin-1") if api_key is not None else None,
+                )
             except BalancerError as exc:
                 self._proxy.refuse(exchange, exc)
             else:

@@ -9,6 +9,7 @@ arrives. Response bodies are never parsed. Entry points: `handle` (aiohttp route
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -16,8 +17,9 @@ from collections.abc import AsyncIterator, Sequence
 from aiohttp import web
 
 from lb.admission import Admission
-from lb.auth import check_bearer
+from lb.auth import check_client, client_key
 from lb.backends import Backend, BackendPool
+from lb.cache import ResponseCache, cache_key
 from lb.config import BalancerConfig
 from lb.errors import (
     BalancerError,
@@ -29,8 +31,11 @@ from lb.exchange import AiohttpExchange, Exchange, Reply
 from lb.health import HealthChecker
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter, rewrite_model, served_name
-from lb.request_body import model_of, read_body
+from lb.policies import POLICIES
+from lb.ratelimit import RateLimiter
+from lb.request_body import model_in, read_body
 from lb.upstream import UpstreamClient, UpstreamError, UpstreamResponse, UpstreamTimeout
+from lb.work import PLAIN, Work, WorkReader, header, parse_payload
 
 log = logging.getLogger("lb.proxy")
 
@@ -38,6 +43,10 @@ log = logging.getLogger("lb.proxy")
 HOT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/generate")
 RESPONSE_BUFFER_LIMIT = 1 << 20  # bytes: complete responses up to this are relayed in one write
 RETRY_STATUSES = frozenset({429, 502, 503})  # a full, failing or draining worker answered before doing work
+BUSY_STATUSES = frozenset(
+    {429, 503}
+)  # with Retry-After: the worker's queue is full, route around it that long
+MAX_BUSY = 300.0  # seconds: the longest Retry-After honoured
 # hop-by-hop headers (RFC 9110 7.6.1) and those the client session recomputes
 REQUEST_DROP = frozenset(
     {
@@ -54,7 +63,8 @@ REQUEST_DROP = frozenset(
     }
 )
 REQUEST_DROP_RAW = frozenset(name.encode() for name in REQUEST_DROP)  # raw_headers are bytes: no decoding
-REQUEST_DROP_AUTH = REQUEST_DROP_RAW | {b"authorization"}
+REQUEST_DROP_AUTH = REQUEST_DROP_RAW | {b"authorization", b"x-api-key"}
+NO_HEADERS: list[tuple[str, str]] = []
 
 
 class _Retry:
@@ -87,14 +97,35 @@ class Proxy:
         self._max_body = config.max_body_size
         self._max_retries = config.max_retries
         self.total_requests = 0
+        limited = (
+            config.rate_limit_rpm is not None or config.rate_limit_tpm is not None or config.key_limits()
+        )
+        self._limiter = (
+            RateLimiter(config.rate_limit_rpm, config.rate_limit_tpm, config.key_limits())
+            if limited
+            else None
+        )
+        self.cache = ResponseCache(config.cache_size) if config.cache_size else None
+        # what the policy, the limiter and the cache read of a request; nothing at all for round robin and
+        # least connections without them, so their bodies stay unparsed
+        needs = POLICIES[config.policy].needs
+        if limited:
+            needs |= {"tokens"}
+        if self.cache is not None:
+            needs |= {"payload"}
+        self._reader = (
+            WorkReader(needs, config.affinity_prefix_chars, config.session_header) if needs else None
+        )
+        self._reads_body = bool(needs - {"session"})
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp route for every proxied path the lean front did not take."""
         started = time.perf_counter()
         exchange = AiohttpExchange(request)
         try:
-            self.check_key(request.headers.get("Authorization"))
-            body = await read_body(request, self._max_body, whole=self._router.needs_model)
+            self.check_key(request.headers.get("Authorization"), request.headers.get("X-API-Key"))
+            whole = self._router.needs_model or self._reads_body
+            body = await read_body(request, self._max_body, whole=whole)
         except BalancerError as exc:
             reply = self.refuse(exchange, exc)
         else:
@@ -109,17 +140,37 @@ class Proxy:
         self.total_requests += 1
         try:
             model = None
-            if self._router.needs_model and isinstance(body, bytes):
-                model = model_of(body)
+            work = PLAIN
+            extra = NO_HEADERS
+            stored: bytes | None = None
+            if self._reader is not None:
+                work = self._reader.read(
+                    exchange.raw_headers, body if isinstance(body, bytes) else None, None
+                )
+            if self._router.needs_model and isinstance(body, bytes) and body:
+                model = model_in(work.payload if work.payload is not None else parse_payload(body))
+            if self._limiter is not None:
+                headers = exchange.raw_headers
+                key = client_key(header(headers, b"authorization"), header(headers, b"x-api-key"))
+                extra = self._limiter.admit(key, work.tokens)  # 429 RateLimited beyond the key's limits
+            if self.cache is not None and work.payload is not None and isinstance(body, bytes):
+                stored = cache_key(exchange.target, work.payload, body)
+                if stored is not None:
+                    hit = self.cache.get(stored)
+                    self._metrics.cache_lookup(hit is not None)
+                    if hit is not None:
+                        status, worker_headers, data = hit
+                        return exchange.respond(status, worker_headers, [("X-LB-Cache", "hit"), *extra], data)
             candidates = self._router.candidates(model, self._pool.routable)  # raises ModelNotFound
-            return await self._forward(exchange, body, model, candidates, started)
+            return await self._forward(exchange, body, model, candidates, started, work, extra, stored)
         except BalancerError as exc:
             self._metrics.rejected(exc.status)
             return exchange.fail(exc)
 
-    def check_key(self, header: str | None) -> None:
+    def check_key(self, authorization: str | None, api_key: str | None = None) -> None:
+        """With --api-key: the client's key as a bearer token or in X-API-Key."""
         if self._keys:
-            check_bearer(header, self._keys)
+            check_client(authorization, api_key, self._keys)
 
     def refuse(self, exchange: Exchange, exc: BalancerError) -> Reply:
         """Answer a request the balancer turns down before routing (e.g. a bad key)."""
@@ -134,6 +185,9 @@ class Proxy:
         model: str | None,
         candidates: Sequence[Backend],
         started: float,
+        work: Work,
+        extra: list[tuple[str, str]],
+        stored: bytes | None,
     ) -> Reply:
         router, pool = self._router, self._pool
 
@@ -145,7 +199,7 @@ class Proxy:
         tried: frozenset[int] = frozenset()
         retries = 0
         while True:
-            backend = await self._admission.choose(current, tried)
+            backend = await self._admission.choose(current, tried, work)
             can_retry = (
                 retries < self._max_retries
                 and not isinstance(body, AsyncIterator)
@@ -159,8 +213,10 @@ class Proxy:
                 and model not in backend.models
             ):
                 sent = rewrite_model(body, served_name(backend, model))  # matched by normalised name
-            async with pool.track(backend):
-                outcome = await self._attempt(exchange, backend, sent, retries, can_retry, started)
+            async with pool.track(backend, work.tokens):
+                outcome = await self._attempt(
+                    exchange, backend, sent, retries, can_retry, started, extra, stored
+                )
             if not isinstance(outcome, _Retry):
                 return outcome
             log.info("retrying on another backend: backend %d %s", backend.index, outcome.reason)
@@ -176,6 +232,8 @@ class Proxy:
         retries: int,
         can_retry: bool,
         started: float,
+        extra: list[tuple[str, str]],
+        stored: bytes | None,
     ) -> Reply | _Retry:
         self._metrics.overhead.observe(time.perf_counter() - started)
         drop = REQUEST_DROP_AUTH if self._keys else REQUEST_DROP_RAW  # the client's key is not the worker's
@@ -202,7 +260,7 @@ class Proxy:
                 return _Retry(str(exc))
             raise UpstreamFailed(f"Worker {backend.index} failed: {exc}") from None
         try:
-            return await self._relay(exchange, backend, upstream, retries, can_retry, started)
+            return await self._relay(exchange, backend, upstream, retries, can_retry, started, extra, stored)
         finally:
             upstream.release()  # back to the pool if read to the end, else closed (the worker stops)
 
@@ -214,13 +272,21 @@ class Proxy:
         retries: int,
         can_retry: bool,
         started: float,
+        limits: list[tuple[str, str]],
+        stored: bytes | None,
     ) -> Reply | _Retry:
         status = upstream.status
-        if status in RETRY_STATUSES and can_retry:
-            backend.errors += status != 429
-            return _Retry(f"answered {status}")
+        if status in RETRY_STATUSES:
+            rest = retry_after(upstream.headers) if status in BUSY_STATUSES else None
+            if rest is not None:  # back-pressure, not failure: the worker stays healthy
+                log.info("backend %d answered %d: busy for %.1fs", backend.index, status, rest)
+                self._pool.set_busy(backend, rest)
+                self._metrics.busy(backend)
+            if can_retry:
+                backend.errors += status != 429 and rest is None
+                return _Retry(f"answered {status}")
         ttfb = time.perf_counter()
-        extra = [("X-LB-Worker", backend.label), ("X-LB-Retries", str(retries))]
+        extra = [("X-LB-Worker", backend.label), ("X-LB-Retries", str(retries)), *limits]
         length = upstream.content_length
         is_sse = upstream.content_type.startswith("text/event-stream")
         if length is not None and length <= RESPONSE_BUFFER_LIMIT and not is_sse:
@@ -232,6 +298,8 @@ class Proxy:
                 raise UpstreamFailed(f"Worker {backend.index} failed mid-response.") from None
             backend.last_progress = time.monotonic()
             self._account(backend, status, started, ttfb)
+            if stored is not None and status == 200 and self.cache is not None:
+                self.cache.put(stored, (status, upstream.headers, data))
             return exchange.respond(status, upstream.headers, extra, data)
         await exchange.start(status, upstream.headers, extra, more_now=upstream.buffered)
         return await self._stream(exchange, backend, upstream, is_sse, started, ttfb)
@@ -284,3 +352,18 @@ class Proxy:
 
 def _empty() -> Sequence[Backend]:
     return ()
+
+
+def retry_after(headers: list[tuple[str, str]]) -> float | None:
+    """Seconds from Retry-After (delta-seconds or an HTTP date), capped at MAX_BUSY; None if absent."""
+    value = next((v for k, v in headers if k.lower() == "retry-after"), None)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(seconds, MAX_BUSY) if seconds > 0 else None
