@@ -17,9 +17,8 @@ from collections.abc import AsyncIterator, Sequence
 from aiohttp import web
 
 from lb.admission import Admission
-from lb.auth import check_client, client_key
+from lb.auth import check_client
 from lb.backends import Backend, BackendPool
-from lb.cache import ResponseCache, cache_key
 from lb.config import BalancerConfig
 from lb.errors import (
     BalancerError,
@@ -29,13 +28,12 @@ from lb.errors import (
 )
 from lb.exchange import AiohttpExchange, Exchange, Reply
 from lb.health import HealthChecker
+from lb.intake import Intake
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter, rewrite_model, served_name
-from lb.policies import POLICIES
-from lb.ratelimit import RateLimiter
 from lb.request_body import model_in, read_body
 from lb.upstream import UpstreamClient, UpstreamError, UpstreamResponse, UpstreamTimeout
-from lb.work import PLAIN, Work, WorkReader, header, parse_payload
+from lb.work import PLAIN, Work, parse_payload
 
 log = logging.getLogger("lb.proxy")
 
@@ -97,26 +95,8 @@ class Proxy:
         self._max_body = config.max_body_size
         self._max_retries = config.max_retries
         self.total_requests = 0
-        limited = (
-            config.rate_limit_rpm is not None or config.rate_limit_tpm is not None or config.key_limits()
-        )
-        self._limiter = (
-            RateLimiter(config.rate_limit_rpm, config.rate_limit_tpm, config.key_limits())
-            if limited
-            else None
-        )
-        self.cache = ResponseCache(config.cache_size) if config.cache_size else None
-        # what the policy, the limiter and the cache read of a request; nothing at all for round robin and
-        # least connections without them, so their bodies stay unparsed
-        needs = POLICIES[config.policy].needs
-        if limited:
-            needs |= {"tokens"}
-        if self.cache is not None:
-            needs |= {"payload"}
-        self._reader = (
-            WorkReader(needs, config.affinity_prefix_chars, config.session_header) if needs else None
-        )
-        self._reads_body = bool(needs - {"session"})
+        # affinity, token load, rate limits, cache: None without them, so bodies stay unparsed
+        self.intake = Intake(config, metrics) if Intake.wanted(config) else None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp route for every proxied path the lean front did not take."""
@@ -124,7 +104,7 @@ class Proxy:
         exchange = AiohttpExchange(request)
         try:
             self.check_key(request.headers.get("Authorization"), request.headers.get("X-API-Key"))
-            whole = self._router.needs_model or self._reads_body
+            whole = self._router.needs_model or (self.intake is not None and self.intake.reads_body)
             body = await read_body(request, self._max_body, whole=whole)
         except BalancerError as exc:
             reply = self.refuse(exchange, exc)
@@ -140,27 +120,14 @@ class Proxy:
         self.total_requests += 1
         try:
             model = None
-            work = PLAIN
-            extra = NO_HEADERS
-            stored: bytes | None = None
-            if self._reader is not None:
-                work = self._reader.read(
-                    exchange.raw_headers, body if isinstance(body, bytes) else None, None
-                )
+            work, extra, stored = PLAIN, NO_HEADERS, None
+            if self.intake is not None:  # 400 bad JSON, 429 over the key's rate limits
+                work, extra, stored, hit = self.intake.admit(exchange.target, exchange.raw_headers, body)
+                if hit is not None:
+                    status, worker_headers, data = hit
+                    return exchange.respond(status, worker_headers, [("X-LB-Cache", "hit"), *extra], data)
             if self._router.needs_model and isinstance(body, bytes) and body:
                 model = model_in(work.payload if work.payload is not None else parse_payload(body))
-            if self._limiter is not None:
-                headers = exchange.raw_headers
-                key = client_key(header(headers, b"authorization"), header(headers, b"x-api-key"))
-                extra = self._limiter.admit(key, work.tokens)  # 429 RateLimited beyond the key's limits
-            if self.cache is not None and work.payload is not None and isinstance(body, bytes):
-                stored = cache_key(exchange.target, work.payload, body)
-                if stored is not None:
-                    hit = self.cache.get(stored)
-                    self._metrics.cache_lookup(hit is not None)
-                    if hit is not None:
-                        status, worker_headers, data = hit
-                        return exchange.respond(status, worker_headers, [("X-LB-Cache", "hit"), *extra], data)
             candidates = self._router.candidates(model, self._pool.routable)  # raises ModelNotFound
             return await self._forward(exchange, body, model, candidates, started, work, extra, stored)
         except BalancerError as exc:
@@ -298,8 +265,8 @@ class Proxy:
                 raise UpstreamFailed(f"Worker {backend.index} failed mid-response.") from None
             backend.last_progress = time.monotonic()
             self._account(backend, status, started, ttfb)
-            if stored is not None and status == 200 and self.cache is not None:
-                self.cache.put(stored, (status, upstream.headers, data))
+            if stored is not None and status == 200 and self.intake is not None:
+                self.intake.store(stored, (status, upstream.headers, data))
             return exchange.respond(status, upstream.headers, extra, data)
         await exchange.start(status, upstream.headers, extra, more_now=upstream.buffered)
         return await self._stream(exchange, backend, upstream, is_sse, started, ttfb)
