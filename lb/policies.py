@@ -162,10 +162,15 @@ def rendezvous(key: str, candidates: Sequence[Backend]) -> Backend:
     return best
 
 
+AFFINITY_SLACK = 4  # requests: a key's backend this close to the least-loaded one is never passed over
+
+
 class _BoundedAffinity:
     """A key's rendezvous choice, unless that backend already carries more than `affinity_max_load` x its
-    weighted share of the requests in flight (this one included, rounded up): then the least-loaded
-    backend. Bounded-load consistent hashing: affinity for cache reuse without hot spots."""
+    weighted share of the requests in flight (this one included, rounded up) *and* AFFINITY_SLACK more than
+    the least-loaded backend: then the least-loaded one. Bounded-load consistent hashing gives affinity for
+    cache reuse without hot spots; the absolute slack (as SGLang's router has) keeps a few requests of noise
+    at low concurrency, where the ratio alone would spill at 2 in flight, from breaking affinity."""
 
     needs: ClassVar[frozenset[str]] = frozenset()
 
@@ -182,7 +187,10 @@ class _BoundedAffinity:
         capacity = math.ceil(self._max_load * (total + 1) * preferred.weight / weights)
         if preferred.in_flight + 1 <= capacity:
             return preferred
-        return self._fallback.choose(candidates, PLAIN)
+        least = self._fallback.choose(candidates, PLAIN)
+        if preferred.in_flight - least.in_flight < AFFINITY_SLACK:
+            return preferred
+        return least
 
 
 class PrefixAffinity(_BoundedAffinity):

@@ -84,10 +84,12 @@ def test_affinity_spills_to_least_loaded_when_preferred_is_over_the_bound() -> N
     preferred = policy.choose(pool.routable, work)
     assert all(policy.choose(pool.routable, work) is preferred for _ in range(20))
     others = [b for b in pool.routable if b is not preferred]
-    preferred.in_flight = 3  # capacity for the 4th in flight: ceil(1.25 * 4 / 3) = 2 < 3 + 1
+    preferred.in_flight = 3  # over ceil(1.25 * 5 / 3) = 3, but within AFFINITY_SLACK of the others
     others[0].in_flight = 1
+    assert policy.choose(pool.routable, work) is preferred
+    preferred.in_flight = 5  # over ceil(1.25 * 7 / 3) = 3 and 5 ahead of the least loaded
     assert policy.choose(pool.routable, work) is others[1]
-    preferred.in_flight = 1  # ceil(1.25 * 3 / 3) = 2 >= 1 + 1: back to the key's worker
+    preferred.in_flight = 2  # within the slack again: back to the key's worker
     assert policy.choose(pool.routable, work) is preferred
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,9 @@ async def test_prefix_affinity_keeps_each_prefix_on_one_worker(
         assert status == 200
         return p, worker
 
-    picks = await asyncio.gather(*(one(p, i) for i in range(25) for p in range(8)))
+    order = [(p, i) for i in range(25) for p in range(8)]
+    random.Random(0).shuffle(order)  # no arrival pattern a plain rotation could happen to match
+    picks = await asyncio.gather(*(one(p, i) for p, i in order))
     by_prefix: dict[int, Counter[str]] = {p: Counter() for p in range(8)}
     for p, worker in picks:
         by_prefix[p][worker] += 1
@@ -97,8 +100,8 @@ async def test_prefix_affinity_spills_when_its_worker_is_over_the_load_bound(
     body = chat(messages=[{"role": "user", "content": "A shared few-shot prefix. " * 40}])
     first = (await post(http, url, body))[1]
     held = [
-        await http.post(url + CHAT, json={**body, "stream": True, "hold": True}) for _ in range(2)
-    ]  # two in flight on the key's worker (capacity for a 3rd: ceil(1.25 * 3 / 2) = 2)
+        await http.post(url + CHAT, json={**body, "stream": True, "hold": True}) for _ in range(4)
+    ]  # 4 in flight on the key's worker: over ceil(1.25 * 5 / 2) = 4 and AFFINITY_SLACK ahead of the other
     assert {r.headers["X-LB-Worker"] for r in held} == {first}
     assert (await post(http, url, body))[1] != first  # over the bound: the other worker
     for upstream in (a, b):
@@ -115,8 +118,9 @@ async def test_session_header_or_user_pins_a_session_to_one_worker(
     ups = [await upstreams() for _ in range(3)]
     url = await balancer(ups, policy="session")
     sessions: dict[str, set[str]] = {}
-    for i in range(60):
-        session = f"s{i % 6}"
+    rng = random.Random(0)
+    for _ in range(60):
+        session = f"s{rng.randrange(6)}"
         status, worker, _ = await post(http, url, chat(), headers={"X-Session-ID": session})
         assert status == 200
         sessions.setdefault(session, set()).add(worker)
