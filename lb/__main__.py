@@ -1,18 +1,19 @@
-"""`python -m lb`: serve on uvloop; SIGTERM/SIGINT stop accepting, drain in-flight requests, exit 0."""
+"""`python -m lb`: serve on uvloop; SIGTERM/SIGINT drain in-flight requests, then exit 0 (lb/shutdown.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 
 from aiohttp import web
 
+from lb import redaction
 from lb.app import create_app
 from lb.config import BalancerConfig, load
 from lb.front import Front
 from lb.settings import ConfigError
+from lb.shutdown import CLOSE_GRACE_S, drain, wait_for_signal
 from lb.state import STATE
 
 log = logging.getLogger("lb")
@@ -21,9 +22,8 @@ log = logging.getLogger("lb")
 async def serve(config: BalancerConfig) -> None:
     app = create_app(config)
     # handler_cancellation: a client that disconnects cancels its handler, which closes the upstream request
-    runner = web.AppRunner(
-        app, access_log=None, handler_cancellation=True, shutdown_timeout=config.drain_timeout
-    )
+    # shutdown_timeout: what aiohttp waits for its handlers once the drain itself is over (lb/shutdown.py)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=CLOSE_GRACE_S)
     await runner.setup()  # runs cleanup_ctx startup: session, first probe of every worker, health checker
     front: Front | None = None
     if config.fast_front:
@@ -41,21 +41,13 @@ async def serve(config: BalancerConfig) -> None:
         config.policy,
         len(config.worker_urls()),
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info(
-        "shutting down: no new connections, draining in-flight requests for up to %gs", config.drain_timeout
-    )
-    state.draining = True  # /health answers 503 while we drain
-    # both servers drain at once, each within --drain-timeout: the front waits for its running requests (their
-    # upstream connections stay open); aiohttp closes its socket, waits for its handlers, then runs the
-    # cleanup_ctx exit (stop the checker, close idle upstream connections and the probe session)
-    await asyncio.gather(
-        front.shutdown(config.drain_timeout) if front is not None else asyncio.sleep(0), runner.cleanup()
-    )
+    if config.admin_secret() is None:
+        log.warning(
+            "no --admin-token(-file): the admin API (POST/DELETE /workers) answers any loopback client, so "
+            "on a shared machine every local user may add or remove workers"
+        )
+    await wait_for_signal()
+    await drain(state, front, runner, config.drain_timeout)
     log.info("stopped")
 
 
@@ -68,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    redaction.install([*config.api_keys(), config.admin_secret() or ""])  # before anything is logged
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows

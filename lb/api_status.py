@@ -1,4 +1,4 @@
-"""The balancer's own routes: /health, /stats, /metrics, /v1/models, worker admin, the 404 catch-all."""
+"""The balancer's own routes: /health, /livez, /stats, /metrics, /v1/models, worker admin, 404 catch-all."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ async def balancer_health(request: web.Request) -> web.Response:
     return web.json_response(body, status=status)
 
 
+async def liveness(request: web.Request) -> web.Response:
+    """200 while the process serves HTTP at all, draining included: restart it only when this fails.
+    `/health` is the readiness probe (503 while draining or with no healthy worker)."""
+    return web.json_response({"status": "alive", "draining": request.app[STATE].draining})
+
+
 async def get_stats(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = stats(
@@ -29,6 +35,7 @@ async def get_stats(request: web.Request) -> web.Response:
         started=state.started,
         queue_depth=state.admission.depth,
     )
+    body["batches"] = state.batches.running()  # batches being dispatched, with their progress
     return web.json_response(body)
 
 
@@ -40,7 +47,8 @@ async def metrics(request: web.Request) -> web.Response:
 async def list_models(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     try:
-        state.proxy.check_key(request.headers.get("Authorization"))  # a /v1 path: same keys as the proxy
+        # a /v1 path: same keys as the proxy
+        state.proxy.check_key(request.headers.get("Authorization"), request.headers.get("X-API-Key"))
     except BalancerError as exc:
         return error_response(exc)
     models = state.pool.models()
@@ -68,6 +76,7 @@ async def not_found(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", balancer_health)
+    app.router.add_get("/livez", liveness)
     app.router.add_get("/stats", get_stats)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", list_models)

@@ -22,6 +22,8 @@ class Backend:
 
     __slots__ = (
         "base_path",
+        "bulk_in_flight",
+        "bulk_reserved",
         "busy_until",
         "consecutive_failures",
         "consecutive_successes",
@@ -73,6 +75,8 @@ class Backend:
         # 64 stable bits of the URL: rendezvous hashing scores (policies.py) survive restarts and balancers
         self.hash = int.from_bytes(hashlib.blake2b(url.encode(), digest_size=8).digest(), "big")
         self.reserved = 0  # queue grants handed out but not yet tracked (see Admission)
+        self.bulk_in_flight = 0  # of in_flight, those in the bulk class (batch lines; capped per backend)
+        self.bulk_reserved = 0
         self.requests_served = 0
         self.errors = 0
         self.status_counts: dict[int, int] = {}  # HTTP status -> responses relayed from this backend
@@ -97,23 +101,25 @@ class Backend:
 class Tracked:
     """`async with pool.track(backend)`: counts one in-flight request and always releases it on exit."""
 
-    __slots__ = ("_backend", "_pool", "_tokens")
+    __slots__ = ("_backend", "_bulk", "_pool", "_tokens")
 
-    def __init__(self, pool: BackendPool, backend: Backend, tokens: int) -> None:
+    def __init__(self, pool: BackendPool, backend: Backend, bulk: bool = False, tokens: int = 0) -> None:
         self._pool = pool
         self._backend = backend
+        self._bulk = bulk
         self._tokens = tokens
 
     async def __aenter__(self) -> Backend:
         # no await before the increment: a policy's choice and the count change happen in one loop step
         self._backend.in_flight += 1
+        self._backend.bulk_in_flight += self._bulk
         self._backend.tokens_in_flight += self._tokens
         return self._backend
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._pool.release(self._backend, self._tokens)
+        self._pool.release(self._backend, self._bulk, self._tokens)
 
 
 class BackendPool:
@@ -149,12 +155,13 @@ class BackendPool:
     def find_url(self, url: str) -> Backend | None:
         return next((b for b in self.backends if b.url == url), None)
 
-    def track(self, backend: Backend, tokens: int = 0) -> Tracked:
+    def track(self, backend: Backend, bulk: bool = False, tokens: int = 0) -> Tracked:
         """Count one request (and its estimated `tokens`) in flight on `backend` until the block exits."""
-        return Tracked(self, backend, tokens)
+        return Tracked(self, backend, bulk, tokens)
 
-    def release(self, backend: Backend, tokens: int = 0) -> None:
+    def release(self, backend: Backend, bulk: bool = False, tokens: int = 0) -> None:
         backend.in_flight -= 1
+        backend.bulk_in_flight -= bulk
         backend.tokens_in_flight -= tokens
         for listener in self._release_listeners:
             listener(backend)

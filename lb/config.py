@@ -118,6 +118,12 @@ class BalancerConfig:
         "bearer token for POST/DELETE /workers; without it the admin API answers loopback clients only",
         metavar="TOKEN",
     )
+    admin_token_file: str | None = setting(
+        None,
+        "file whose first line is the admin token (keeps it off the command line); the launcher and the "
+        "SLURM job always pass one",
+        metavar="FILE",
+    )
     fast_front: bool = setting(
         True,
         "serve the hot endpoints (chat/completions, completions, embeddings, generate) with the lean "
@@ -127,6 +133,29 @@ class BalancerConfig:
         "~/.cache/inference-balancer/data",
         "directory for what the balancer must not lose across restarts: its SQLite database (batches, jobs, "
         "checkpoint registry) and uploaded / output files",
+        metavar="DIR",
+    )
+    batch_max_lines: int = setting(50_000, "most request lines in one batch input file (OpenAI's limit)")
+    batch_max_file_size: int = setting(
+        512 * 1024 * 1024,
+        "largest batch input file in bytes; an upload beyond it is refused (413), uploads are streamed to disk",
+        metavar="BYTES",
+    )
+    batch_line_retries: int = setting(
+        3,
+        "retries of a batch line on another worker after a retryable failure (worker died, connect error, "
+        "5xx or 429 before any byte)",
+    )
+    batch_max_inflight_per_worker: int = setting(
+        8,
+        "most batch lines in flight on one worker at a time; interactive requests go first and take the rest "
+        "(set it to the workers' --batch-size to keep their batches full)",
+        metavar="N",
+    )
+    datasets_dir: str | None = setting(
+        None,
+        "directory of the JSONL datasets that eval and data-generation jobs name by `dataset_ref` "
+        "(default: DATA_DIR/datasets)",
         metavar="DIR",
     )
     drain_timeout: float = setting(30.0, "seconds in-flight requests may take to finish on SIGTERM/SIGINT")
@@ -148,10 +177,17 @@ class BalancerConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0")
-        for name in ("unhealthy_threshold", "healthy_threshold", "max_body_size"):
+        for name in (
+            "unhealthy_threshold",
+            "healthy_threshold",
+            "max_body_size",
+            "batch_max_lines",
+            "batch_max_file_size",
+            "batch_max_inflight_per_worker",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
-        for name in ("max_retries", "max_queue", "drain_timeout"):
+        for name in ("max_retries", "max_queue", "drain_timeout", "batch_line_retries"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0")
         if self.affinity_max_load < 1:
@@ -177,6 +213,7 @@ class BalancerConfig:
         self.worker_urls()  # unreadable --workers-file / --api-key-file: fail at load, naming the key
         self.api_keys()
         self.key_limits()
+        self.admin_secret()
 
     def worker_urls(self) -> list[str]:
         """--workers followed by the lines of --workers-file, normalised, without duplicates."""
@@ -199,6 +236,18 @@ class BalancerConfig:
         if self.api_key_file:
             keys += [line.split()[0] for line in _read_lines("api_key_file", self.api_key_file)]
         return tuple(keys)
+
+    def admin_secret(self) -> str | None:
+        """The admin token: --admin-token, else the first line of --admin-token-file; None means the admin
+        API answers loopback clients only."""
+        if self.admin_token is not None:
+            return self.admin_token
+        if self.admin_token_file:
+            lines = _read_lines("admin_token_file", self.admin_token_file)
+            if not lines:
+                raise ConfigError(f"admin_token_file: {self.admin_token_file} holds no token")
+            return lines[0]
+        return None
 
     def key_limits(self) -> dict[str, tuple[int | None, int | None]]:
         """Per-key (rpm, tpm) from `KEY rpm=N tpm=N` lines of --api-key-file; others use the flags."""

@@ -90,6 +90,15 @@ class WorkersBusy(NoHealthyBackend):
         self.retry_after = max(1, math.ceil(retry_after))
 
 
+class ShuttingDown(BalancerError):
+    """The balancer is draining after SIGTERM/SIGINT: queued and new requests are turned away."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "shutting_down"
+    retry_after = 1
+
+
 class UpstreamFailed(BalancerError):
     """Every attempt failed at the transport level before any byte reached the client."""
 
@@ -126,9 +135,12 @@ def error_response(exc: BalancerError) -> web.Response:
     )
 
 
-def sse_error_event(message: str) -> bytes:
-    """The last event of a stream whose backend failed after bytes were sent (OpenAI SDKs raise on it)."""
-    return b"data: " + error_body(message, "upstream_error", "upstream_disconnected") + b"\n\n"
+def sse_error_event(
+    message: str, type_: str = "upstream_error", code: str = "upstream_disconnected"
+) -> bytes:
+    """The last event of a stream that cannot finish after bytes were sent (OpenAI SDKs raise on it): its
+    backend failed, or the balancer reached its drain deadline."""
+    return b"data: " + error_body(message, type_, code) + b"\n\n"
 
 
 def answers_errors(handler: Handler) -> Handler:

@@ -9,6 +9,7 @@ arrives. Response bodies are never parsed. Entry points: `handle` (aiohttp route
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import logging
 import time
@@ -16,13 +17,14 @@ from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 
-from lb.admission import Admission
+from lb.admission import Admission, is_bulk
 from lb.auth import check_client
 from lb.backends import Backend, BackendPool
 from lb.config import BalancerConfig
 from lb.errors import (
     BalancerError,
     GatewayTimeout,
+    ShuttingDown,
     UpstreamFailed,
     sse_error_event,
 )
@@ -97,6 +99,10 @@ class Proxy:
         self.total_requests = 0
         # affinity, token load, rate limits, cache: None without them, so bodies stay unparsed
         self.intake = Intake(config, metrics) if Intake.wanted(config) else None
+        self.draining = False  # shutdown began: new requests get 503 (lb/shutdown.py)
+        self._streams: set[asyncio.Task[object]] = set()  # tasks relaying a stream right now
+        self._cutting = False  # the drain deadline passed: a cancelled stream ends with an SSE error event
+        self.streams_cut = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp route for every proxied path the lean front did not take."""
@@ -119,6 +125,8 @@ class Proxy:
         """Route, admit and relay one authenticated request whose body was read (or is streaming)."""
         self.total_requests += 1
         try:
+            if self.draining:
+                raise ShuttingDown("The balancer is shutting down; send the request to another instance.")
             model = None
             work, extra, stored = PLAIN, NO_HEADERS, None
             if self.intake is not None:  # 400 bad JSON, 429 over the key's rate limits
@@ -133,6 +141,15 @@ class Proxy:
         except BalancerError as exc:
             self._metrics.rejected(exc.status)
             return exchange.fail(exc)
+
+    def cut_streams(self) -> int:
+        """The drain deadline: cancel every running stream; SSE streams end with an error event (see
+        `_stream`), others are aborted. Returns how many were cut."""
+        self._cutting = True
+        streams = list(self._streams)
+        for task in streams:
+            task.cancel()
+        return len(streams)
 
     def check_key(self, authorization: str | None, api_key: str | None = None) -> None:
         """With --api-key: the client's key as a bearer token or in X-API-Key."""
@@ -165,8 +182,9 @@ class Proxy:
             current = _empty  # known model, nobody healthy serving it: 503 from admission
         tried: frozenset[int] = frozenset()
         retries = 0
+        bulk = is_bulk(exchange.raw_headers)  # the client stepped aside: it waits behind interactive traffic
         while True:
-            backend = await self._admission.choose(current, tried, work)
+            backend = await self._admission.choose(current, tried, bulk=bulk, work=work)
             can_retry = (
                 retries < self._max_retries
                 and not isinstance(body, AsyncIterator)
@@ -180,7 +198,7 @@ class Proxy:
                 and model not in backend.models
             ):
                 sent = rewrite_model(body, served_name(backend, model))  # matched by normalised name
-            async with pool.track(backend, work.tokens):
+            async with pool.track(backend, bulk, work.tokens):
                 outcome = await self._attempt(
                     exchange, backend, sent, retries, can_retry, started, extra, stored
                 )
@@ -280,6 +298,9 @@ class Proxy:
         started: float,
         ttfb: float,
     ) -> Reply:
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
         try:
             async for chunk in upstream.chunks():
                 backend.last_progress = time.monotonic()
@@ -303,6 +324,16 @@ class Proxy:
                 raise  # abort the connection so the client sees a truncated body
             await exchange.write(sse_error_event(f"Worker {backend.index} failed mid-stream: {exc}"))
             return await exchange.end()
+        except asyncio.CancelledError:
+            if not (self._cutting and is_sse):
+                raise  # the client left, or a stream without events to end it: abort the connection
+            task.uncancel()  # cut at the drain deadline: end the stream visibly, then let the front close
+            self.streams_cut += 1
+            message = "The balancer is shutting down and its drain deadline passed; this stream was cut."
+            await exchange.write(sse_error_event(message, "service_unavailable", "shutting_down"))
+            return await exchange.end()
+        finally:
+            self._streams.discard(task)
         reply = await exchange.end()
         self._account(backend, upstream.status, started, ttfb)
         return reply

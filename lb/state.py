@@ -13,6 +13,8 @@ from lb.admission import Admission
 from lb.backends import BackendPool
 from lb.config import BalancerConfig
 from lb.health import HealthChecker
+from lb.jobs.batches import BatchService
+from lb.jobs.job_runner import JobRunner
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
 from lb.proxy import Proxy
@@ -38,6 +40,8 @@ class BalancerState:
     health: HealthChecker = field(init=False)
     admin: Admin = field(init=False)
     proxy: Proxy = field(init=False)
+    batches: BatchService = field(init=False)  # files, batches and the internal API for jobs (lb/jobs/)
+    jobs: JobRunner = field(init=False)  # eval and data-generation jobs (lb/jobs/api_jobs.py)
 
 
 STATE = web.AppKey("balancer_state", BalancerState)

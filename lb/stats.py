@@ -1,17 +1,16 @@
 """GET /stats and GET /health: the balancer's state as JSON, in the shape issue 3 fixes; and reading it back.
 
-`fetch_stats` is the one client of /stats that the launcher's tools, the SLURM job and the benchmarks share.
+`fetch_stats` (lb/stats_client.py, standard library only) is the one client of /stats that the launcher's
+tools, the SLURM job and the benchmarks share.
 """
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 from lb.backends import Backend, BackendPool
+from lb.stats_client import fetch_stats
 
 
 def backend_stats(b: Backend) -> dict[str, Any]:
@@ -60,15 +59,4 @@ def health(pool: BackendPool, draining: bool) -> tuple[int, dict[str, Any]]:
     return (200 if ok else 503), body
 
 
-def fetch_stats(url: str, token: str | None = None, timeout: float = 3.0) -> dict[str, Any] | None:
-    """A running balancer's /stats document, or None while it does not answer or when `url` is no balancer
-    (e.g. a worker straight). `token` is sent as a bearer token (the admin token or an API key)."""
-    request = urllib.request.Request(url.rstrip("/") + "/stats")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            data = json.loads(resp.read())
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("workers"), list) else None
+__all__ = ["backend_stats", "fetch_stats", "health", "stats"]

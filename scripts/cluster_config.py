@@ -24,11 +24,11 @@ from lb.settings import (
     read_yaml,
 )
 from lb.settings import setting as s
+from scripts.profilers import PROFILE_TOOLS
 from scripts.seed_yaml import translate
 
 ENGINES = ("hf", "fake", "vllm", "sglang")
 POLICIES = ("round_robin", "least_connections", "power_of_two")
-PROFILE_TOOLS = ("nsys", "pytorch")
 ENV_PREFIX = "IB_CLUSTER_"
 DEFAULT_RUN_DIR = "~/.cache/inference-balancer/run"
 
@@ -99,7 +99,10 @@ class ClusterConfig:
     policy: str | None = s(None, "balancer routing policy (default: the balancer's own)", choices=POLICIES)
     api_key: str | None = s(None, "key clients must send to the balancer (Authorization: Bearer KEY)",
                             metavar="KEY")
-    admin_token: str | None = s(None, "token for the balancer's admin API (also sent with --register-with)",
+    api_key_file: str | None = s(None, "file whose first line is the client key (keeps it off the command "
+                                       "line; IB_CLUSTER_API_KEY works too)", metavar="FILE")
+    admin_token: str | None = s(None, "token for the balancer's admin API (also sent with --register-with); "
+                                      "default: a fresh random token in RUN_DIR/admin-token",
                                 metavar="TOKEN")
     lb_args: str = s("", "extra balancer flags, shell-quoted, e.g. --lb-args='--max-retries 3'",
                      metavar="ARGS")
@@ -122,10 +125,10 @@ class ClusterConfig:
     stop_timeout: float = s(30.0, "seconds each process group gets to exit after SIGTERM (the balancer "
                                   "drains in it) before SIGKILL", metavar="S")
     profile_enabled: bool = s(False, "run workers under a profiler (profile.enabled in YAML)")
-    profile_tool: str = s("nsys", "profiler: nsys prefixes the command; pytorch sets the engine's "
-                                  "torch profiler directory", choices=PROFILE_TOOLS)
+    profile_tool: str = s("nsys", "profiler: nsys (Nsight Systems) or amd (rocprof) prefixes the command; "
+                                  "pytorch sets the engine's torch profiler directory", choices=PROFILE_TOOLS)
     profile_output_dir: str = s("profiles", "where profiles are written", metavar="DIR")
-    profile_args: str = s("", "extra profiler arguments, shell-quoted (nsys only)", metavar="ARGS")
+    profile_args: str = s("", "extra profiler arguments, shell-quoted (nsys and amd)", metavar="ARGS")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "env_vars", parse_env_vars("env_vars", self.env_vars or {}))
@@ -155,6 +158,8 @@ class ClusterConfig:
                 raise ConfigError(f"skip_ports: not a TCP port: {port}")
         if self.model_path is None and self.engine != "fake" and self.worker_cmd is None:
             raise ConfigError("model_path: required (e.g. --model-path DIR)")
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ConfigError("api_key_file: give either api_key or api_key_file, not both")
         if not self.health_path.startswith("/"):
             raise ConfigError(f"health_path: must start with '/', got {self.health_path!r}")
         for name in ("engine_args", "lb_args", "profile_args", "worker_cmd"):

@@ -1,7 +1,8 @@
 """The job's connection file: wait until the balancer has every worker, then write and print how to connect.
 
-Runs inside the batch job (`python -m slurm.connection wait-ready ...`) and is read by the submit script's
-`--wait`. Standard library only, so it also runs with a plain `python3` outside a container image.
+Runs inside the batch job as `python3 -I slurm/connection.py wait-ready ...` and is read by the submit
+script's `--wait`. Standard library only (lb/stats_client.py included), so it runs with the host's bare
+`python3` even when the job's own Python lives in a container image.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lb.stats import fetch_stats
+if __package__ in (None, ""):  # run as a file (`python3 -I slurm/connection.py`): find lb/ beside slurm/
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lb.stats_client import fetch_stats
 
 CONNECTION_FILE = "connection.json"
 POLL_INTERVAL_S = 1.0

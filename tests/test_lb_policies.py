@@ -56,10 +56,10 @@ def test_least_tokens_prefers_few_long_tokens_over_many_requests() -> None:
 async def test_token_load_is_released_exactly_on_every_exit() -> None:
     pool = weighted_pool(1)
     (backend,) = pool.routable
-    async with pool.track(backend, 300):
+    async with pool.track(backend, tokens=300):
         assert backend.tokens_in_flight == 300
     with pytest.raises(RuntimeError):
-        async with pool.track(backend, 200):
+        async with pool.track(backend, tokens=200):
             raise RuntimeError("the worker failed")
     assert (backend.in_flight, backend.tokens_in_flight) == (0, 0)
 
