@@ -138,7 +138,7 @@ class Admission:
         candidates: Candidates,
         exclude: frozenset[int],
         bulk: bool,
-        timeout: float | None,
+        timeout: float | None,  # noqa: ASYNC109 - None: a patient waiter, no deadline
         work: Work = PLAIN,
     ) -> Backend:
         future: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from lb import api_solve, api_status
+from lb import api_cluster, api_solve, api_status, logs
 from lb.admin import Admin
 from lb.admission import Admission
+from lb.aiohttp_server import json_http_errors
 from lb.backends import BackendPool
 from lb.config import BalancerConfig
 from lb.health import HealthChecker
@@ -21,8 +22,10 @@ from lb.jobs.batches import BatchService
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
 from lb.policies import POLICIES, Tuning
+from lb.progress import running_work
 from lb.proxy import Proxy
 from lb.state import STATE, BalancerState
+from lb.telemetry import TelemetryGatherer
 from lb.upstream import UpstreamClient
 
 log = logging.getLogger("lb")
@@ -46,7 +49,16 @@ def _session() -> aiohttp.ClientSession:
 
 
 def create_app(config: BalancerConfig) -> web.Application:
-    app = web.Application(client_max_size=config.max_body_size, handler_args={"max_field_size": 65536})
+    app = web.Application(
+        middlewares=[json_http_errors],
+        client_max_size=config.max_body_size,
+        handler_args={  # for connections the front hands to aiohttp: the same bounds as the front's
+            "max_field_size": config.max_header_line,
+            "max_line_size": config.max_header_line,
+            "keepalive_timeout": config.keepalive_timeout,
+            "lingering_time": 2.0,  # seconds an unread body is drained after a refusal, as the front does
+        },
+    )
     pool = BackendPool()
     for url, weight in config.worker_specs():
         pool.add(url, weight=weight)
@@ -61,12 +73,15 @@ def create_app(config: BalancerConfig) -> web.Application:
     metrics = Metrics(pool, lambda: admission.depth)
     admission.on_wait = metrics.queue_wait.observe
     app[STATE] = BalancerState(config, pool, ModelRouter(pool), admission, metrics)
+    app[STATE].log_files = config.log_files()
     app.cleanup_ctx.append(_client_and_checker)
     api_status.add_routes(app)
     api_files.add_routes(app)
     api_batches.add_routes(app)
     api_jobs.add_routes(app)  # also starts the job runner, after the start-up steps above
     api_solve.add_routes(app)
+    api_cluster.add_routes(app)
+    logs.add_routes(app)
     api_status.add_catch_all(app)  # last: it matches every path
     return app
 
@@ -101,10 +116,22 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
         config, state.pool, state.router, state.admission, state.health, state.metrics, client
     )
     await state.batches.start()
+    # 6. the telemetry gatherer behind /cluster and the dashboard: background reads, never on a request
+    state.telemetry = TelemetryGatherer(
+        state.pool,
+        state.session,
+        state.metrics.recent,
+        lambda: state.admission.depth,
+        interval=config.telemetry_interval,
+        timeout=min(config.telemetry_interval, config.health_check_timeout),
+        work=lambda: running_work(state),
+    )
+    telemetry = asyncio.create_task(state.telemetry.run(), name="lb-telemetry")
     yield
     await state.batches.stop()  # lines in flight are sent again after a restart
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for background in (telemetry, task):
+        background.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await background
     client.close()
     await state.session.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 from lb.policies import POLICIES
@@ -159,7 +160,52 @@ class BalancerConfig:
         metavar="DIR",
     )
     drain_timeout: float = setting(30.0, "seconds in-flight requests may take to finish on SIGTERM/SIGINT")
+    header_timeout: float = setting(
+        10.0, "seconds a client has to send a whole request head, from its first byte (408 after)"
+    )
+    body_timeout: float = setting(
+        60.0,
+        "seconds a client has to send a whole request body once its head arrived (408 after); the body is "
+        "received before the request takes a worker slot",
+    )
+    keepalive_timeout: float = setting(
+        75.0, "seconds an idle client connection is kept open between requests"
+    )
+    max_header_size: int = setting(
+        64 * 1024,
+        "largest request head (request line and all headers) in bytes (431 beyond)",
+        metavar="BYTES",
+    )
+    max_header_line: int = setting(
+        16 * 1024, "largest request line or single header line in bytes (431 beyond)", metavar="BYTES"
+    )
+    max_connections: int = setting(
+        4096, "open client connections; a new one above it is answered 503 and closed", metavar="N"
+    )
+    worker_api_key: str | None = setting(
+        None,
+        "key sent to workers as 'Authorization: Bearer KEY' in place of the client's credentials; clients' "
+        "Authorization / X-API-Key are never forwarded when --api-key is set",
+        metavar="KEY",
+    )
     log_level: str = setting("info", "logging level", choices=LOG_LEVELS)
+    telemetry_interval: float = setting(
+        2.0,
+        "seconds between background reads of each worker's /metrics, /gpu and /system for /cluster and the "
+        "dashboard (each read times out after at most this long)",
+    )
+    log_file: tuple[str, ...] = setting(
+        (),
+        "a log GET /logs/NAME may show, as NAME=PATH (repeatable; the launcher passes balancer=... and "
+        "worker-N=...); only these files can be read",
+        metavar="NAME=PATH",
+    )
+    otlp_endpoint: str | None = setting(
+        None,
+        "OpenTelemetry collector (OTLP/HTTP, e.g. http://collector:4318) to export one span per proxied "
+        "request to; needs the opentelemetry packages, which are imported only when this is set",
+        metavar="URL",
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -174,6 +220,10 @@ class BalancerConfig:
             "connect_timeout",
             "request_timeout",
             "queue_timeout",
+            "header_timeout",
+            "body_timeout",
+            "keepalive_timeout",
+            "telemetry_interval",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0")
@@ -181,6 +231,9 @@ class BalancerConfig:
             "unhealthy_threshold",
             "healthy_threshold",
             "max_body_size",
+            "max_header_size",
+            "max_header_line",
+            "max_connections",
             "batch_max_lines",
             "batch_max_file_size",
             "batch_max_inflight_per_worker",
@@ -214,6 +267,7 @@ class BalancerConfig:
         self.api_keys()
         self.key_limits()
         self.admin_secret()
+        self.log_files()
 
     def worker_urls(self) -> list[str]:
         """--workers followed by the lines of --workers-file, normalised, without duplicates."""
@@ -268,6 +322,17 @@ class BalancerConfig:
                 out[key] = (limits["rpm"], limits["tpm"])
         return out
 
+    def log_files(self) -> dict[str, str]:
+        """--log-file NAME=PATH entries as a table (names of letters, digits, '-', '_', '.')."""
+        table: dict[str, str] = {}
+        for entry in self.log_file:
+            name, sep, path = entry.partition("=")
+            name, path = name.strip(), path.strip()
+            if not sep or not _LOG_NAME.match(name) or not path:
+                raise ConfigError(f"log_file: {entry!r} is not NAME=PATH (NAME of letters, digits, - _ .)")
+            table[name] = path
+        return table
+
 
 def _worker_spec(key: str, item: str) -> tuple[str, float]:
     """`http://host:port[@weight]` -> (url, weight); an '@' followed by a number is the weight."""
@@ -287,6 +352,9 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+_LOG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def _check_url(key: str, url: str) -> str:

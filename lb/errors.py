@@ -6,6 +6,7 @@ import functools
 import json
 import math
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
 from aiohttp import web
 
@@ -33,6 +34,28 @@ class BadRequest(BalancerError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_json"
+
+
+class InvalidHttpRequest(BadRequest):
+    """Bytes a strict HTTP/1.1 parser rejects; the connection is closed after the answer."""
+
+    code = "invalid_http_request"
+
+
+class RequestTimeout(BalancerError):
+    """A request head or body did not arrive within --header-timeout / --body-timeout."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class RequestHeaderTooLarge(BalancerError):
+    """A header line or the whole head is over its limit (refused before buffering more)."""
+
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_too_large"
 
 
 class Unauthorized(BalancerError):
@@ -80,14 +103,13 @@ class NoHealthyBackend(BalancerError):
     retry_after = 2
 
 
-class WorkersBusy(NoHealthyBackend):
-    """Every healthy worker asked for rest (429/503 with Retry-After); Retry-After says when one is free."""
+class TooManyConnections(BalancerError):
+    """--max-connections client connections are open; a new one is answered this and closed."""
 
-    code = "workers_busy"
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = max(1, math.ceil(retry_after))
+    status = 503
+    type = "service_unavailable"
+    code = "too_many_connections"
+    retry_after = 1
 
 
 class ShuttingDown(BalancerError):
@@ -97,6 +119,16 @@ class ShuttingDown(BalancerError):
     type = "service_unavailable"
     code = "shutting_down"
     retry_after = 1
+
+
+class WorkersBusy(NoHealthyBackend):
+    """Every healthy worker asked for rest (429/503 with Retry-After); Retry-After says when one is free."""
+
+    code = "workers_busy"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, math.ceil(retry_after))
 
 
 class UpstreamFailed(BalancerError):
@@ -132,6 +164,20 @@ def error_response(exc: BalancerError) -> web.Response:
         body=error_body(exc.message, exc.type, exc.code, exc.param),
         content_type="application/json",
         headers=headers,
+    )
+
+
+def error_bytes(exc: BalancerError, *, close: bool) -> bytes:
+    """A whole HTTP/1.1 response carrying the error, for code that writes to a socket itself."""
+    body = error_body(exc.message, exc.type, exc.code, exc.param)
+    retry = b"Retry-After: %d\r\n" % exc.retry_after if exc.retry_after is not None else b""
+    return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%b%b\r\n%b" % (
+        exc.status,
+        HTTPStatus(exc.status).phrase.encode(),
+        len(body),
+        retry,
+        b"Connection: close\r\n" if close else b"",
+        body,
     )
 
 

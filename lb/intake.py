@@ -41,7 +41,6 @@ class Intake:
         if self.cache is not None:
             needs |= {"payload"}
         self.needs = needs
-        self.reads_body = bool(needs - {"session"})  # the session header alone needs no body
         self._reader = WorkReader(needs, config.affinity_prefix_chars, config.session_header)
 
     @staticmethod

@@ -293,6 +293,19 @@ def test_bad_job_requests_get_an_error_naming_the_field(
     assert error["error"]["message"]
 
 
+def test_dataset_refs_that_leave_the_datasets_dir_are_refused(cluster: Cluster) -> None:
+    outside = cluster.tmp / "secret.jsonl"  # a valid dataset, just not in --datasets-dir
+    link = cluster.datasets / "link.jsonl"
+    if not link.exists():
+        link.symlink_to(outside)
+    for ref in (str(outside), "link", "../secret", "sub/../../secret.jsonl"):
+        status, error = call(
+            "POST", cluster.lb + "/eval/jobs", {"model_id": "answer-stub", "dataset_ref": ref}
+        )
+        assert (status, error["error"]["param"]) == (400, "dataset_ref"), (ref, error)
+        assert "datasets directory" in error["error"]["message"]
+
+
 def test_a_bad_dataset_line_is_refused_naming_the_line(cluster: Cluster) -> None:
     (cluster.datasets / "broken.jsonl").write_text('{"prompt": "1 + 1", "answer": "2"}\n{"prompt": "x"}\n')
     status, error = call(
