@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from workers import api_native, api_openai, api_status
+from workers import api_native, api_openai, api_status, api_telemetry
 from workers.batcher import DynamicBatcher
 from workers.config import WorkerConfig
 from workers.engines import create_engine
@@ -67,6 +67,7 @@ def create_app(config: WorkerConfig, engine: Engine) -> web.Application:
     app.router.add_post("/v1/completions", api_openai.completions)
     app.router.add_post("/v1/chat/completions", api_openai.chat_completions)
     app.router.add_post("/generate", api_native.generate)
+    api_telemetry.add_routes(app)
     app.cleanup_ctx.append(_engine_lifecycle)
     return app
 

@@ -14,6 +14,7 @@ from workers.config import WorkerConfig
 from workers.engines.base import Engine
 from workers.errors import NotReady
 from workers.metrics import WorkerMetrics
+from workers.telemetry import GpuReader
 
 Status = Literal["loading", "ok", "draining", "failed"]
 
@@ -29,6 +30,7 @@ class WorkerState:
     gpu: dict[str, Any] | None = None  # filled once the engine is loaded
     started_at: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
+    gpus: GpuReader = field(default_factory=GpuReader)  # /gpu, power profiles, GPU gauges
 
     def require_ready(self) -> None:
         """Generation endpoints call this first: 503 (with Retry-After) unless the worker is serving."""
