@@ -5,6 +5,9 @@ finds others already waiting) joins the interactive queue; without a cap it neve
 (batch lines, and interactive requests marked with the `X-LB-Priority: bulk` header) also respect
 --batch-max-inflight-per-worker (`bulk_cap`) per backend, and are granted a slot only while no interactive
 request is queued: an interactive request that has to wait stops all bulk dispatch until it is served.
+While interactive requests are arriving (one in the last INTERACTIVE_RECENT seconds), bulk requests leave
+one of their slots on each backend free, so the next interactive request joins a worker's running batch at
+once instead of waiting for a batch line to finish.
 
 Each release hands the freed slot to the oldest waiter that can use it, interactive waiters first. A grant
 *reserves* the slot (`backend.reserved`, and `backend.bulk_reserved` for bulk) until the waiter resumes and
@@ -26,6 +29,7 @@ from lb.policies import Policy
 Candidates = Callable[[], Sequence[Backend]]  # re-evaluated at each grant: health can change while waiting
 PRIORITY_HEADER = b"x-lb-priority"  # `X-LB-Priority: bulk` puts an interactive request in the bulk class
 DEFAULT_BULK_CAP = 8  # bulk requests per backend: a worker's default --batch-size, enough to keep it full
+INTERACTIVE_RECENT = 2.0  # seconds: interactive traffic this recent keeps one bulk slot per backend free
 
 
 def is_bulk(raw_headers: Sequence[tuple[bytes, bytes]]) -> bool:
@@ -74,6 +78,7 @@ class Admission:
         self._queue: deque[_Waiter] = deque()  # interactive waiters
         self._bulk_queue: deque[_Waiter] = deque()
         self.on_wait = on_wait  # receives each queued interactive request's wait in seconds (metrics)
+        self._last_interactive = -INTERACTIVE_RECENT  # monotonic seconds
         pool.on_release(lambda _backend: self._dispatch())
         pool.on_change(self._dispatch)
 
@@ -88,6 +93,8 @@ class Admission:
 
     def _available(self, candidates: Sequence[Backend], exclude: frozenset[int], bulk: bool) -> list[Backend]:
         cap, bulk_cap = self.cap, self.bulk_cap
+        if bulk and bulk_cap > 1 and time.monotonic() - self._last_interactive < INTERACTIVE_RECENT:
+            bulk_cap -= 1  # a slot kept for the interactive traffic that is arriving
         return [
             b
             for b in candidates
@@ -115,8 +122,10 @@ class Admission:
             current = [b for b in current if b.index not in exclude]
         if not current:
             raise NoHealthyBackend("No healthy backend is available for this request; retry shortly.")
-        if not bulk and self.cap is None:
-            return self._policy.choose(current)
+        if not bulk:
+            self._last_interactive = time.monotonic()
+            if self.cap is None:
+                return self._policy.choose(current)
         queue = self._bulk_queue if bulk else self._queue
         if not queue and not (bulk and self._queue):
             free = self._available(current, exclude, bulk)
