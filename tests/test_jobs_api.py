@@ -384,3 +384,68 @@ def test_a_job_survives_a_sigkilled_balancer_and_belongs_to_its_key(cluster: Clu
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+@pytest.mark.timeout(300)
+def test_eval_job_on_the_tiny_transformers_model_scores_its_real_replies(
+    cluster: Cluster, tiny_model_dir: Path
+) -> None:
+    """Greedy replies are learnt first through the balancer; a dataset that expects two of them (and not the
+    other two) must then score exactly 2 of 4 under exact_match."""
+    procs: list[ManagedProcess] = []
+    try:
+        worker, worker_url = start(
+            procs,
+            cluster.tmp,
+            "hf",
+            "workers",
+            "--engine",
+            "hf",
+            "--model-path",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--served-model-name",
+            "tiny",
+        )
+        worker.wait_http_ok(worker_url + "/health", timeout=240)
+        _, url = start_lb(procs, cluster.tmp, [worker_url], cluster.tmp / "data-tiny", cluster.datasets)
+        prompts = ["Hello", "def main", "The capital of France is", "import os"]
+        replies = []
+        for prompt in prompts:
+            status, body = call(
+                "POST",
+                url + "/v1/chat/completions",
+                {
+                    "model": "tiny",
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": 4,
+                    "temperature": 0,
+                },
+            )
+            assert status == 200, body
+            replies.append(body["choices"][0]["message"]["content"])
+        rows = [
+            {"prompt": p, "answer": r if i % 2 == 0 else r + " (not said)"}
+            for i, (p, r) in enumerate(zip(prompts, replies, strict=True))
+        ]
+        (cluster.datasets / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        status, job = call(
+            "POST",
+            url + "/eval/jobs",
+            {
+                "model_id": "tiny",
+                "dataset_ref": "tiny",
+                "metrics": ["exact_match"],
+                "max_tokens": 4,
+            },
+        )
+        assert status == 200, job
+        job = wait_job(url, job["id"], timeout=120)
+        assert job["status"] == "completed", job["error"]
+        samples = jsonl(download(f"{url}/eval/jobs/{job['id']}/samples"))
+        assert [s["response"] for s in sorted(samples, key=lambda s: s["index"])] == replies
+        assert job["result"]["correct"] == sum(s["correct"] for s in samples) == 2
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
