@@ -41,7 +41,7 @@ CHAT: Literal["/v1/chat/completions"] = "/v1/chat/completions"
 @dataclass(frozen=True)
 class BatchBenchConfig:
     workers: int = setting(4, "simulated GPUs (fake-engine workers)")
-    batch_size: int = setting(8, "each worker's batch size; also --batch-max-inflight-per-worker")
+    batch_size: int = setting(8, "each worker's batch size (the balancer learns it from /health)")
     prefill_latency: float = setting(0.02, "simulated prefill seconds per admitted group")
     step_latency: float = setting(0.01, "simulated seconds per decode step, whatever the batch size")
     per_seq_latency: float = setting(0.0005, "simulated extra seconds per decode step per running sequence")
@@ -159,8 +159,6 @@ async def measure(config: BatchBenchConfig, log_dir: Path) -> Report:
     lb_args = (
         "--data-dir",
         str(data_dir),
-        "--batch-max-inflight-per-worker",
-        str(config.batch_size),
         "--health-check-interval",
         "2",
         "--log-level",
@@ -275,7 +273,8 @@ def body_text(config: BatchBenchConfig, report: Report) -> str:
         f"{config.workers} fake-engine workers as simulated GPUs (batch {config.batch_size}, prefill "
         f"{config.prefill_latency}s, step {config.step_latency}s + {config.per_seq_latency}s per sequence), "
         f"{config.max_tokens} output tokens and {config.prompt_len} prompt words per request, "
-        f"`--batch-max-inflight-per-worker {config.batch_size}`. Batch time runs from `batches.create` to "
+        "the balancer's default bulk limit (twice the batch size, its batch size minus one while interactive "
+        "requests arrive). Batch time runs from `batches.create` to "
         "`completed` as the SDK sees it (validation and finalisation included). Interactive p50: "
         f"{config.interactive} requests one at a time. The restart took {report.restart_s:.1f} s of the "
         f"kill's cost (a new `python -m lb` process until /health answers); {report.lines_done_at_kill} "
