@@ -16,6 +16,7 @@ from lb.admission import Admission
 from lb.aiohttp_server import json_http_errors
 from lb.backends import BackendPool
 from lb.config import BalancerConfig
+from lb.discovery import Discovery, parse_ranges
 from lb.health import HealthChecker
 from lb.jobs import api_batches, api_files, api_jobs
 from lb.jobs.batches import BatchService
@@ -127,11 +128,23 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
         work=lambda: running_work(state),
     )
     telemetry = asyncio.create_task(state.telemetry.run(), name="lb-telemetry")
+    background = [telemetry, task]
+    # 7. --discover: scan port ranges for workers in the background (a thread sweeps, the loop probes)
+    if config.discover:
+        discovery = Discovery(
+            state.pool,
+            state.health,
+            parse_ranges(config.discover, config.discover_skip_ports),
+            interval=config.discover_interval,
+            timeout=config.health_check_timeout,
+            own=(config.host, config.port),
+        )
+        background.append(asyncio.create_task(discovery.run(), name="lb-discovery"))
     yield
     await state.batches.stop()  # lines in flight are sent again after a restart
-    for background in (telemetry, task):
-        background.cancel()
+    for job in reversed(background):
+        job.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await background
+            await job
     client.close()
     await state.session.close()
