@@ -14,6 +14,7 @@ from lb import api_cluster, api_solve, api_status, logs
 from lb.admin import Admin
 from lb.admission import Admission
 from lb.aiohttp_server import json_http_errors
+from lb.autoscale import Autoscaler
 from lb.backends import BackendPool
 from lb.config import BalancerConfig
 from lb.discovery import Discovery, parse_ranges
@@ -140,6 +141,23 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
             own=(config.host, config.port),
         )
         background.append(asyncio.create_task(discovery.run(), name="lb-discovery"))
+    # 8. --scale-command: ask for more or fewer workers when the queue stays long or empty
+    if config.scale_command:
+        admission = state.admission
+        autoscaler = Autoscaler(
+            config.scale_command,
+            state.pool,
+            lambda: admission.depth + admission.bulk_depth,
+            state.metrics,
+            minimum=config.scale_min,
+            maximum=config.scale_max,
+            up_queue=config.scale_up_queue,
+            down_queue=config.scale_down_queue,
+            window=config.scale_window,
+            cooldown=config.scale_cooldown,
+            cap=config.max_inflight_per_worker,
+        )
+        background.append(asyncio.create_task(autoscaler.run(), name="lb-autoscale"))
     yield
     await state.batches.stop()  # lines in flight are sent again after a restart
     for job in reversed(background):
