@@ -62,10 +62,15 @@ async def test_scale_command_is_called_with_one_more_then_one_fewer_worker(
             break
         await asyncio.sleep(0.05)
     assert recorded(calls) == ["3 2", "1 2"]  # empty queue, room to spare: one fewer
-    async with http.get(url + "/metrics") as resp:
-        metrics = await resp.text()
+    down = 'lb_scale_decisions_total{direction="down",outcome="ok"} 1.0'
+    for _ in range(40):  # counted once the command has exited
+        async with http.get(url + "/metrics") as resp:
+            metrics = await resp.text()
+        if down in metrics:
+            break
+        await asyncio.sleep(0.05)
+    assert down in metrics
     assert 'lb_scale_decisions_total{direction="up",outcome="ok"} 1.0' in metrics
-    assert 'lb_scale_decisions_total{direction="down",outcome="ok"} 1.0' in metrics
 
 
 def test_decisions_wait_for_the_window_and_respect_bounds_and_cooldown() -> None:
