@@ -102,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows[name].append((c1.p50_ms, hi.p50_ms, hi.requests_per_s, cpu))
                 print(
                     f"  {name:<38} c1 p50 {c1.p50_ms:.3f} ms  "
-                    f"c{config.concurrency} {hi.requests_per_s:7.0f} req/s  CPU {cpu:.0f} us/req  errors {c1.errors + hi.errors}",
+                    f"c{config.concurrency} {hi.requests_per_s:7.0f} req/s  CPU {cpu:.0f} us/req  "
+                    f"errors {c1.errors + hi.errors}",
                     file=sys.stderr,
                     flush=True,
                 )
