@@ -113,6 +113,7 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
     # 4. a first probe of every worker, so those already up take traffic from the first request
     await state.health.check_all()
     task = asyncio.create_task(state.health.run(), name="lb-health")
+    expiry = asyncio.create_task(client.expire_idle(), name="lb-upstream-idle")
     # 5. batches: resume the unfinished ones in --data-dir, then dispatch (workers' models are known now)
     state.batches = BatchService(
         config, state.pool, state.router, state.admission, state.health, state.metrics, client
@@ -129,7 +130,7 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
         work=lambda: running_work(state),
     )
     telemetry = asyncio.create_task(state.telemetry.run(), name="lb-telemetry")
-    background = [telemetry, task]
+    background = [expiry, task, telemetry]
     # 7. --discover: scan port ranges for workers in the background (a thread sweeps, the loop probes)
     if config.discover:
         discovery = Discovery(
