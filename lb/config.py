@@ -6,6 +6,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+from lb.discovery import parse_ranges
 from lb.policies import POLICIES
 from lb.settings import ConfigError, load_config, setting
 
@@ -255,6 +256,7 @@ class BalancerConfig:
             raise ConfigError("cache_size: must be >= 0")
         if self.discover_interval <= 0 or self.scale_window <= 0 or self.scale_cooldown < 0:
             raise ConfigError("discover_interval and scale_window must be > 0, scale_cooldown >= 0")
+        parse_ranges(self.discover, self.discover_skip_ports)  # ConfigError naming a bad range
         if self.scale_max < self.scale_min:
             raise ConfigError(f"scale_max: {self.scale_max} is below scale_min {self.scale_min}")
         if self.scale_down_queue >= self.scale_up_queue:
