@@ -2,14 +2,17 @@
 
 The request path (proxy.py unless named)::
 
-    client ──HTTP──▶ front.py (uvloop): the hot POST endpoints; any other request → aiohttp (app.py routes)
+    client ──HTTP──▶ front.py (uvloop): owns the socket; --max-connections, head / body deadlines;
+      │                              request_head.py: llhttp judges the head (400 / 431 JSON + close)
+      │                              the hot POST endpoints; any other request → aiohttp (app.py routes)
       │ auth.check_bearer            401 without a valid --api-key
-      │ request_body.read_body       413 over --max-body-size; kept whole up to 1 MiB so it can be retried
+      │ body received whole          413 over --max-body-size, 408 past --body-timeout; before any slot
       │ model_routing.candidates     only if backends serve different models: 400 bad JSON, 404 unknown model
       │ admission.choose             policy over routable backends; beyond --max-inflight-per-worker a FIFO
       │                              queue (429 when full or timed out); 503 + Retry-After with none healthy
       │ async with pool.track(b)     in-flight +1 … -1 on every exit path (backends.py)
-      │   upstream.UpstreamClient ──▶ worker        keep-alive HTTP/1.1 (connection.py, response.py);
+      │   upstream.UpstreamClient ──▶ worker        http11.worker_headers (no hop-by-hop, no client key);
+      │                                             keep-alive HTTP/1.1, llhttp-parsed (response.py);
       │                                             connect / reset / 429 / 502 / 503 before any byte:
       │                                             retry on a different backend (≤ --max-retries)
       │   relay: one write, or SSE chunk by chunk   worker dies mid-stream: SSE error event
