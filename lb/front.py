@@ -192,9 +192,7 @@ class FrontProtocol(asyncio.Protocol):
                 return self._refuse(exc)
             if (
                 head.version != "1.1"
-                or head.transfer_encoding
-                or head.expects
-                or head.upgrade
+                or head.hand_over
                 or head.target.split(b"?", 1)[0] not in self._front.paths
             ):
                 return self._hand_over()

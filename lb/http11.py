@@ -27,6 +27,7 @@ HOP_BY_HOP = frozenset(
 )
 REQUEST_DROP = HOP_BY_HOP | {b"host"}  # the upstream client writes the worker's Host
 CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
+REQUEST_DROP_CREDENTIALS = REQUEST_DROP | CREDENTIALS
 # a header name is an RFC 9110 token; a value holds no control byte but TAB (obs-text is allowed)
 BAD_NAME = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
 BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -74,9 +75,14 @@ def worker_headers(
     dropped, the client's credentials dropped when the balancer checked them itself, then `add` (the
     balancer's own headers, e.g. the worker key). Anything that is not a valid header is dropped too, so no
     byte of it can reach a worker's parser."""
-    drop = REQUEST_DROP | CREDENTIALS if drop_credentials else REQUEST_DROP
-    if any(name.lower() == b"connection" for name, _ in raw_headers):
-        drop = drop | connection_named(raw_headers)
-    out = [(k, v) for k, v in raw_headers if k.lower() not in drop and valid_header(k, v)]
+    drop = REQUEST_DROP_CREDENTIALS if drop_credentials else REQUEST_DROP
+    out = [(k, v) for k, v in raw_headers if k.lower() not in drop]
+    if len(out) < len(raw_headers) and (named := connection_named(raw_headers)):
+        out = [(k, v) for k, v in out if k.lower() not in named]
+    # one search over all names and one over all values (TAB is valid in a value, tokens joined are a token)
+    if BAD_NAME.search(b"".join(k for k, _ in out)) or BAD_VALUE.search(b"\t".join(v for _, v in out)):
+        out = [(k, v) for k, v in out if valid_header(k, v)]
+    if any(not k for k, _ in out):
+        out = [(k, v) for k, v in out if k]
     out.extend(add)
     return out

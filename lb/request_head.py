@@ -16,6 +16,14 @@ from lb.errors import InvalidHttpRequest, RequestHeaderTooLarge
 from lb.http11 import origin_form
 
 MAX_HEADERS = 128  # header lines per request, as aiohttp's server allows
+_LENGTH, _AUTHORIZATION, _HAND_OVER = range(3)
+_FRAMING = {
+    b"content-length": _LENGTH,
+    b"authorization": _AUTHORIZATION,
+    b"transfer-encoding": _HAND_OVER,
+    b"expect": _HAND_OVER,
+    b"upgrade": _HAND_OVER,
+}
 
 
 class RequestHead:
@@ -27,13 +35,11 @@ class RequestHead:
         "authorization",
         "complete",
         "content_length",
-        "expects",
+        "hand_over",
         "headers",
         "keep_alive",
         "method",
         "target",
-        "transfer_encoding",
-        "upgrade",
         "version",
     )
 
@@ -45,9 +51,7 @@ class RequestHead:
         self.version = ""
         self.headers: list[tuple[bytes, bytes]] = []
         self.content_length = 0
-        self.transfer_encoding = False
-        self.expects = False
-        self.upgrade = False
+        self.hand_over = False  # framing the lean front leaves to aiohttp (chunked body, Expect, Upgrade)
         self.keep_alive = True
         self.complete = False
         self.authorization: bytes | None = None
@@ -63,19 +67,17 @@ class RequestHead:
             raise RequestHeaderTooLarge(f"A header line is longer than {self._max_line} bytes.")
         if len(self.headers) >= MAX_HEADERS:
             raise RequestHeaderTooLarge(f"The request has more than {MAX_HEADERS} header lines.")
-        lower = name.lower()
-        if lower == b"content-length":
+        self.headers.append((name, value))
+        kind = _FRAMING.get(name.lower())
+        if kind is None:
+            return
+        if kind == _LENGTH:
             self.content_length = int(value)  # llhttp accepted it: digits only, one of them, no overflow
-        elif lower == b"transfer-encoding":
-            self.transfer_encoding = True
-        elif lower == b"expect":
-            self.expects = True
-        elif lower == b"upgrade":
-            self.upgrade = True
-        elif lower == b"authorization":
+        elif kind == _AUTHORIZATION:
             self._authorizations += 1
             self.authorization = value
-        self.headers.append((name, value))
+        else:
+            self.hand_over = True  # a chunked body, Expect or Upgrade: aiohttp's to serve
 
     def on_headers_complete(self) -> None:
         self.complete = True

@@ -55,7 +55,13 @@ class UpstreamResponse:
         self._reuse = reuse  # takes the connection back into its pool once the body was read to its end
         self._conn = conn
         self._timeout = timeout
+        # one parser per connection (llhttp starts over after each complete response): making one binds
+        # every callback, which costs more than parsing a small response
         self._parser = httptools.HttpResponseParser(self)
+        self.reset()
+
+    def reset(self) -> None:
+        """Ready for the next response on the same keep-alive connection (only after a clean `release`)."""
         self._pieces: list[bytes] = []  # body bytes parsed and not yet taken
         self._head_done = False
         self._head_bytes = 0  # header bytes parsed

@@ -49,7 +49,12 @@ class UpstreamClient:
             conn = self._take_idle(key) if attempt == 0 else None
             if conn is None:
                 conn = await self._connect(host, port, tls)
-            response = UpstreamResponse(conn, self.read_timeout, functools.partial(self.put_back, key))
+            response: UpstreamResponse | None = conn.response
+            if response is None:
+                response = UpstreamResponse(conn, self.read_timeout, functools.partial(self.put_back, key))
+                conn.response = response
+            else:
+                response.reset()
             try:
                 if body is None or isinstance(body, bytes):
                     conn.write(head + body if body else head)
