@@ -38,6 +38,9 @@ class TailConfig:
     rounds: int = setting(3, "direct and balancer runs alternate this many times; the median round is shown")
     warmup: float = setting(2.0, "seconds of unmeasured load before the first run of each")
     balancer_args: tuple[str, ...] = setting((), "extra flags for `python -m lb`", metavar="FLAG")
+    before: str | None = setting(
+        None, "another checkout of the project: its balancer is measured too, alternating", metavar="DIR"
+    )
     results: bool = setting(True, "write the table to bench/RESULTS.md")
 
     def __post_init__(self) -> None:
@@ -100,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     exit_on_sigterm()
     log_dir = Path(tempfile.mkdtemp(prefix="ib-tail-"))
     workers: list[Process] = []
+    balancers: list[Process] = []
     lb: Process | None = None
     try:
         urls = []
@@ -113,14 +117,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             worker.wait_ready(url + "/health")
         lb, lb_url = start_balancer(urls, "least_connections", log_dir / "lb.log", config.balancer_args)
         targets = {"direct": (urls, None), "balancer": ([lb_url] * config.workers, lb)}
+        if config.before:
+            old, old_url = start_balancer(urls, "least_connections", log_dir / "lb-before.log",
+                                          config.balancer_args, code_dir=Path(config.before))
+            balancers.append(old)
+            targets["before"] = ([old_url] * config.workers, old)
         for target_urls, _ in targets.values():
             if config.warmup:
                 load(target_urls, config, config.warmup)
         rounds = [one_round(name, target_urls, config, proc)
                   for _ in range(config.rounds) for name, (target_urls, proc) in targets.items()]
     finally:
-        if lb is not None:
-            lb.stop()
+        for proc in [lb, *balancers]:
+            if proc is not None:
+                proc.stop()
         for worker in workers:
             worker.stop()
     d, b = median(rounds, "direct"), median(rounds, "balancer")
@@ -133,7 +143,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         ["balancer CPU per request (us)", "", round(b.lb_cpu_us or 0), ""],
         ["wrk errors", d.errors, b.errors, ""],
     ]
-    text = markdown_table(["figure", "direct", "via balancer", "ratio"], rows)
+    headers = ["figure", "direct", "via balancer", "ratio"]
+    if config.before:
+        o = median(rounds, "before")
+        extra = [round(o.requests_per_s), round(o.p50_ms, 1), round(o.p99_ms, 1), round(o.worst_p99_ms, 1),
+                 round(o.lb_cpu_us or 0), o.errors]
+        ratios = [f"{o.requests_per_s / d.requests_per_s:.2f}x", f"{o.p50_ms / d.p50_ms:.2f}x",
+                  f"{o.p99_ms / d.p99_ms:.2f}x", "", "", ""]
+        rows = [[*row, value, ratio] for row, value, ratio in zip(rows, extra, ratios, strict=True)]
+        headers += ["via balancer before (--before)", "ratio before"]
+    text = markdown_table(headers, rows)
     every = "; ".join(f"{r.target} p99 {r.p99_ms:.1f} ms" for r in rounds)
     text += f"\n\nEvery round, in order: {every}. Target: balancer p99 within 1.1x of direct."
     print(text)
