@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 import typing
 from collections.abc import Callable
@@ -330,6 +331,9 @@ class Front:
         return len(self.connections) + len(self.aiohttp)
 
     async def start(self, host: str, port: int) -> None:
+        _raise_file_limit(
+            2 * self.limits.max_connections + 256
+        )  # a client and a worker socket each, and spare
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: FrontProtocol(self), host, port, backlog=2048, reuse_address=True
@@ -349,3 +353,19 @@ class Front:
                 connection.task.cancel()
             if connection.transport is not None:
                 connection.transport.close()
+
+
+def _raise_file_limit(wanted: int) -> None:
+    """Lift the soft open-files limit towards `wanted` (up to the hard limit): with the common default of
+    1024, accept() would fail long before --max-connections refuses anyone cleanly."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        log.warning(
+            "open-files limit %d is below the %d that --max-connections %d needs",
+            target,
+            wanted,
+            (wanted - 256) // 2,
+        )
