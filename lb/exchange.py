@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 
 from lb.errors import BalancerError, error_body, error_response
 from lb.http11 import HOP_BY_HOP as RAW_HOP_BY_HOP
-from lb.http11 import origin_form, valid_header
+from lb.http11 import origin_form, valid_header, valid_headers
 
 Reply = web.StreamResponse | None  # what an aiohttp handler returns; None when the front wrote it itself
 # hop-by-hop (RFC 9110 7.6.1) or recomputed on our side of the connection
@@ -176,17 +176,19 @@ class FrontExchange:
         self, status: int, headers: list[tuple[str, str]], extra: list[tuple[str, str]], framing: bytes
     ) -> list[bytes]:
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, "Unknown").encode())]
-        drop = HOP_BY_HOP | _connection_named(headers)
+        drop = HOP_BY_HOP
+        raw: list[tuple[bytes, bytes]] = []
         for name, value in headers:
-            if name.lower() not in drop:
-                raw_name, raw_value = (
-                    name.encode("latin-1", "replace"),
-                    value.encode("utf-8", "surrogateescape"),
-                )
-                if valid_header(raw_name, raw_value):
-                    parts.append(b"%b: %b\r\n" % (raw_name, raw_value))
-                else:  # no byte of it reaches the client's parser
-                    log.warning("dropped an invalid response header %r from a worker", name[:40])
+            lower = name.lower()
+            if lower not in drop:
+                raw.append((name.encode("latin-1", "replace"), value.encode("utf-8", "surrogateescape")))
+            elif lower == "connection" and (named := _connection_named(headers)):
+                drop = drop | named
+                raw = [(k, v) for k, v in raw if k.decode("latin-1").lower() not in named]
+        if not valid_headers(raw):  # no byte of an invalid header reaches the client's parser
+            log.warning("dropped invalid response headers from a worker")
+            raw = [(k, v) for k, v in raw if valid_header(k, v)]
+        parts += [b"%b: %b\r\n" % header for header in raw]
         for name, value in extra:
             parts.append(f"{name}: {value}\r\n".encode())
         if not self.keep_alive:

@@ -166,11 +166,11 @@ class FrontProtocol(asyncio.Protocol):
         if head is None:
             if not buf:
                 return
-            if not self._waiting_for_head:
-                self._waiting_for_head = True
-                self._arm(limits.header_timeout, self._head_timed_out)
             end = buf.find(b"\r\n\r\n", self._scanned)
             if end < 0:
+                if not self._waiting_for_head:  # the deadline runs from the head's first byte
+                    self._waiting_for_head = True
+                    self._arm(limits.header_timeout, self._head_timed_out)
                 self._scanned = max(0, len(buf) - 3)
                 if len(buf) > limits.max_head:
                     return self._refuse(
@@ -208,13 +208,16 @@ class FrontProtocol(asyncio.Protocol):
             self._waiting_for_head = False
             if len(buf) < size + head.content_length:  # the body is still arriving: its own deadline
                 self._arm(limits.body_timeout, self._body_timed_out)
+            elif self._timer is not None:
+                self._disarm()
         end = self._head_size + head.content_length
         if len(buf) < end:
             return
         body = bytes(buf[self._head_size : end]) if head.content_length else None
         del buf[:end]
         self._head = None
-        self._disarm()
+        if self._timer is not None:
+            self._disarm()
         exchange = FrontExchange(
             self,
             head.method,

@@ -38,6 +38,16 @@ def valid_header(name: bytes, value: bytes) -> bool:
     return bool(name) and BAD_NAME.search(name) is None and BAD_VALUE.search(value) is None
 
 
+def valid_headers(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """All of them valid, in one search over the names and one over the values (TAB is valid in a value,
+    and tokens joined are a token)."""
+    return (
+        all(name for name, _ in headers)
+        and BAD_NAME.search(b"".join(name for name, _ in headers)) is None
+        and BAD_VALUE.search(b"\t".join(value for _, value in headers)) is None
+    )
+
+
 def connection_named(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
     """Header names listed in `Connection` (besides close / keep-alive): hop-by-hop too (RFC 9110 7.6.1)."""
     named: set[bytes] = set()
@@ -76,13 +86,17 @@ def worker_headers(
     balancer's own headers, e.g. the worker key). Anything that is not a valid header is dropped too, so no
     byte of it can reach a worker's parser."""
     drop = REQUEST_DROP_CREDENTIALS if drop_credentials else REQUEST_DROP
-    out = [(k, v) for k, v in raw_headers if k.lower() not in drop]
-    if len(out) < len(raw_headers) and (named := connection_named(raw_headers)):
+    out = []
+    listed = False  # a Connection header may name more hop-by-hop headers
+    for name, value in raw_headers:
+        lower = name.lower()
+        if lower not in drop:
+            out.append((name, value))
+        elif lower == b"connection":
+            listed = True
+    if listed and (named := connection_named(raw_headers)):
         out = [(k, v) for k, v in out if k.lower() not in named]
-    # one search over all names and one over all values (TAB is valid in a value, tokens joined are a token)
-    if BAD_NAME.search(b"".join(k for k, _ in out)) or BAD_VALUE.search(b"\t".join(v for _, v in out)):
+    if not valid_headers(out):
         out = [(k, v) for k, v in out if valid_header(k, v)]
-    if any(not k for k, _ in out):
-        out = [(k, v) for k, v in out if k]
     out.extend(add)
     return out

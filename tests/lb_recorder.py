@@ -64,6 +64,14 @@ SCRIPTS: dict[str, tuple[bytes, bytes | None, bool]] = {
     "status-letters": (b"HTTP/1.1 abc OK\r\nContent-Length: 2\r\n\r\n{}", None, False),
     "close-mid-body": (b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"partial": ', None, True),
     "bytes-after-response": (_ok() + b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED", None, False),
+    # valid, with hop-by-hop headers the client must not see
+    "hop-by-hop": (
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n"
+        b"Proxy-Connection: keep-alive\r\nTrailer: X-T\r\nX-Kept: 1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (len(OK_BODY), OK_BODY),
+        None,
+        False,
+    ),
     # after the first byte reached the client
     "sse-bad-chunk-later": (SSE_HEAD + _chunk(SSE_EVENT), b"zz\r\nnope\r\n", False),
     "sse-close-later": (SSE_HEAD + _chunk(SSE_EVENT), b"", True),
