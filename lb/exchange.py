@@ -16,13 +16,14 @@ from multidict import CIMultiDict
 
 from lb.errors import BalancerError, error_body, error_response
 from lb.http11 import HOP_BY_HOP as RAW_HOP_BY_HOP
-from lb.http11 import origin_form, valid_header, valid_headers
+from lb.http11 import header_block, origin_form
 
 Reply = web.StreamResponse | None  # what an aiohttp handler returns; None when the front wrote it itself
 # hop-by-hop (RFC 9110 7.6.1) or recomputed on our side of the connection
 HOP_BY_HOP = frozenset(name.decode() for name in RAW_HOP_BY_HOP)
 AIOHTTP_SETS = HOP_BY_HOP | {"date", "server"}  # aiohttp adds its own
 log = logging.getLogger("lb.exchange")
+EMPTY: frozenset[str] = frozenset()
 CLOSE_AFTER = frozenset({400, 408, 413, 431})  # refusals after which nothing more is read from the client
 
 
@@ -176,19 +177,14 @@ class FrontExchange:
         self, status: int, headers: list[tuple[str, str]], extra: list[tuple[str, str]], framing: bytes
     ) -> list[bytes]:
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, "Unknown").encode())]
-        drop = HOP_BY_HOP
-        raw: list[tuple[bytes, bytes]] = []
-        for name, value in headers:
-            lower = name.lower()
-            if lower not in drop:
-                raw.append((name.encode("latin-1", "replace"), value.encode("utf-8", "surrogateescape")))
-            elif lower == "connection" and (named := _connection_named(headers)):
-                drop = drop | named
-                raw = [(k, v) for k, v in raw if k.decode("latin-1").lower() not in named]
-        if not valid_headers(raw):  # no byte of an invalid header reaches the client's parser
-            log.warning("dropped invalid response headers from a worker")
-            raw = [(k, v) for k, v in raw if valid_header(k, v)]
-        parts += [b"%b: %b\r\n" % header for header in raw]
+        named = _connection_named(headers)
+        drop = HOP_BY_HOP | named if named else HOP_BY_HOP
+        raw = [
+            (name.encode("latin-1", "replace"), value.encode("utf-8", "surrogateescape"))
+            for name, value in headers
+            if name.lower() not in drop
+        ]
+        parts.append(header_block(raw))  # checked: no byte of an invalid header reaches the client
         for name, value in extra:
             parts.append(f"{name}: {value}\r\n".encode())
         if not self.keep_alive:
@@ -250,6 +246,7 @@ def _connection_named(headers: list[tuple[str, str]]) -> frozenset[str]:
     """Header names a `Connection` header lists: hop-by-hop too."""
     named: set[str] = set()
     for name, value in headers:
-        if name.lower() == "connection":
+        if len(name) == 10 and name.lower() == "connection":  # the length first: no lower() for most
             named.update(token.strip().lower() for token in value.split(","))
-    return frozenset(named - {"close", "keep-alive", ""})
+    named -= {"close", "keep-alive", ""}
+    return frozenset(named) if named else EMPTY
