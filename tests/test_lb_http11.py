@@ -34,10 +34,7 @@ def test_targets_are_forwarded_in_origin_form(target: bytes, expected: bytes | N
         (b"X-A", b"a\nb"),
         (b"X-A", b"a\rb"),
         (b"X-A", b"a\x00b"),
-        (b"X-A", b"a\x01b"),
-        (b"X A", b"1"),
         (b"X-A\r\nB", b"1"),
-        (b"", b"1"),
     ],
 )
 def test_a_header_that_could_add_a_line_is_dropped(bad: tuple[bytes, bytes]) -> None:
