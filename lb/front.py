@@ -36,7 +36,7 @@ from lb.errors import (
 )
 from lb.exchange import FrontExchange
 from lb.proxy import HOT_PATHS, Proxy
-from lb.request_head import RequestHead, parse_head
+from lb.request_head import RequestHead, RequestReader
 
 FRONT_PATHS = frozenset(path.encode() for path in HOT_PATHS)
 log = logging.getLogger("lb.front")
@@ -87,6 +87,7 @@ class FrontProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._scanned = 0  # bytes of the buffer known to hold no head end
+        self._reader = RequestReader(self._limits.max_line)
         self._head: RequestHead | None = None  # parsed, its body still arriving
         self._head_size = 0
         self.task: asyncio.Task[None] | None = None
@@ -188,7 +189,7 @@ class FrontProtocol(asyncio.Protocol):
                     RequestHeaderTooLarge(f"The request head exceeds {limits.max_head} bytes.")
                 )
             try:
-                head = parse_head(bytes(buf[:size]), limits.max_line)
+                head = self._reader.read_head(bytes(buf[:size]))
             except BalancerError as exc:
                 return self._refuse(exc)
             if (
@@ -213,7 +214,10 @@ class FrontProtocol(asyncio.Protocol):
         end = self._head_size + head.content_length
         if len(buf) < end:
             return
-        body = bytes(buf[self._head_size : end]) if head.content_length else None
+        body = None
+        if head.content_length:
+            body = bytes(buf[self._head_size : end])
+            self._reader.read_body(body)  # the parser ends the message and is ready for the next head
         del buf[:end]
         self._head = None
         if self._timer is not None:
