@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import sys
 
@@ -32,10 +31,6 @@ async def serve(config: BalancerConfig) -> None:
     assert runner.server is not None  # set by setup()
     front = Front(app[STATE].proxy, AiohttpConnections(runner.server), config)
     await front.start(config.host, config.port)
-    # everything built so far (modules, app, routes) lives as long as the process: move it out of the
-    # collector's reach, so a full collection no longer scans it (one took ~100 ms on a loaded 2-core
-    # machine: a whole p99 of bench.tail)
-    gc.freeze()
     state = app[STATE]
     log.info(
         "listening on http://%s:%d, policy %s, %d worker(s)",
