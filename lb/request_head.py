@@ -67,9 +67,6 @@ class RequestReader:
         self._parser = httptools.HttpRequestParser(self)
 
     # llhttp callbacks
-    def on_message_begin(self) -> None:
-        self._head = RequestHead()
-
     def on_url(self, url: bytes) -> None:
         if len(url) > self._max_line:
             raise RequestHeaderTooLarge(f"The request target is longer than {self._max_line} bytes.")
@@ -100,6 +97,7 @@ class RequestReader:
         """Parse one complete head (ending with CRLF CRLF); raise InvalidHttpRequest /
         RequestHeaderTooLarge. Unless the request is handed over, its body must follow (`read_body`)."""
         parser = self._parser
+        self._head = RequestHead()  # what the callbacks fill (fewer callbacks than on_message_begin)
         try:
             parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:

@@ -71,7 +71,7 @@ class UpstreamResponse:
         self._close_delimited = False
         self._clean = True  # nothing after the response's end, no parser error
         self.status = 0
-        self.headers: list[tuple[str, str]] = []
+        self.headers: list[tuple[bytes, bytes]] = []  # as received: the front writes them back undecoded
         self.content_length: int | None = None
         self.content_type = ""
         self.keep_alive = True
@@ -93,7 +93,7 @@ class UpstreamResponse:
             self.content_length = int(value)  # llhttp accepted it: one value, decimal digits, no overflow
         elif lower == b"content-type":
             self.content_type = value.decode("latin-1")
-        self.headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -212,5 +212,5 @@ class UpstreamResponse:
             conn.close()
 
 
-def _chunked(headers: list[tuple[str, str]]) -> bool:
-    return any(name.lower() == "transfer-encoding" for name, _ in headers)
+def _chunked(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name.lower() == b"transfer-encoding" for name, _ in headers)
