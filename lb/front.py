@@ -40,6 +40,7 @@ from lb.request_head import RequestHead, RequestReader
 
 FRONT_PATHS = frozenset(path.encode() for path in HOT_PATHS)
 log = logging.getLogger("lb.front")
+INF = float("inf")
 LINGER_S = 2.0  # seconds a refused connection is still read (and dropped) before it is closed
 
 
@@ -94,7 +95,13 @@ class FrontProtocol(asyncio.Protocol):
         self._closing = False
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
+        # one lazy timer per connection: the current deadline moves freely (an attribute), the timer is
+        # re-armed only when it would fire too late, so a busy keep-alive connection arms about one per
+        # keep-alive period instead of two per request
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline = INF
+        self._on_deadline: Callable[[], None] = self.close_if_idle
         self._waiting_for_head = False  # the header deadline runs from a head's first byte
         self._handed_over = False  # aiohttp owns it, or it was refused: the front reads no more of it
 
@@ -111,7 +118,7 @@ class FrontProtocol(asyncio.Protocol):
             self.transport.close()
             return
         self._front.connections.add(self)
-        self._arm(self._limits.keepalive_timeout, self.close_if_idle)
+        self._set_deadline(self._limits.keepalive_timeout, self.close_if_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -171,7 +178,7 @@ class FrontProtocol(asyncio.Protocol):
             if end < 0:
                 if not self._waiting_for_head:  # the deadline runs from the head's first byte
                     self._waiting_for_head = True
-                    self._arm(limits.header_timeout, self._head_timed_out)
+                    self._set_deadline(limits.header_timeout, self._head_timed_out)
                 self._scanned = max(0, len(buf) - 3)
                 if len(buf) > limits.max_head:
                     return self._refuse(
@@ -208,9 +215,9 @@ class FrontProtocol(asyncio.Protocol):
             self._head, self._head_size = head, size
             self._waiting_for_head = False
             if len(buf) < size + head.content_length:  # the body is still arriving: its own deadline
-                self._arm(limits.body_timeout, self._body_timed_out)
-            elif self._timer is not None:
-                self._disarm()
+                self._set_deadline(limits.body_timeout, self._body_timed_out)
+            else:
+                self._deadline = INF
         end = self._head_size + head.content_length
         if len(buf) < end:
             return
@@ -220,8 +227,7 @@ class FrontProtocol(asyncio.Protocol):
             self._reader.read_body(body)  # the parser ends the message and is ready for the next head
         del buf[:end]
         self._head = None
-        if self._timer is not None:
-            self._disarm()
+        self._deadline = INF  # running: no deadline on the client's side
         exchange = FrontExchange(
             self,
             head.method,
@@ -258,7 +264,7 @@ class FrontProtocol(asyncio.Protocol):
         elif self._buffer:
             self._next_request()
         else:
-            self._arm(self._limits.keepalive_timeout, self.close_if_idle)
+            self._set_deadline(self._limits.keepalive_timeout, self.close_if_idle)
 
     def _head_timed_out(self) -> None:
         self._refuse(RequestTimeout(f"No complete request head within {self._limits.header_timeout:g}s."))
@@ -283,17 +289,33 @@ class FrontProtocol(asyncio.Protocol):
         transport.write(error_bytes(exc, close=True))
         if transport.can_write_eof():
             transport.write_eof()
-            self._arm(LINGER_S, transport.close)
+            self._disarm()
+            self._timer = self._loop.call_later(LINGER_S, transport.close)
         else:
             self._disarm()
             transport.close()
 
-    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_later(delay, callback)
+    def _set_deadline(self, delay: float, callback: Callable[[], None]) -> None:
+        """`callback` in `delay` s unless the phase changes first."""
+        at = self._loop.time() + delay
+        self._deadline, self._on_deadline = at, callback
+        if self._timer is None or self._timer_at > at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._timer_at = self._loop.call_at(at, self._expire), at
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._deadline == INF:
+            return
+        if self._loop.time() < self._deadline:  # the deadline moved on since the timer was armed
+            self._timer, self._timer_at = self._loop.call_at(self._deadline, self._expire), self._deadline
+            return
+        self._deadline = INF
+        self._on_deadline()
 
     def _disarm(self) -> None:
+        self._deadline = INF
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

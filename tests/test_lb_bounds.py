@@ -142,3 +142,19 @@ async def test_which_credentials_reach_the_worker(
     head = recorder.since({}).split(b"\r\n\r\n", 1)[0].lower()
     sent = [line for line in head.split(b"\r\n") if line.startswith((b"authorization:", b"x-api-key:"))]
     assert sent == forwarded
+
+
+@FRONTS
+async def test_an_idle_connection_closes_at_the_keepalive_timeout_a_busy_one_stays(
+    balancer: Any, recorder: Recorder, fast_front: bool
+) -> None:
+    url = await balancer([recorder], fast_front=fast_front, keepalive_timeout=0.6)
+    reader, writer = await connect(url)
+    for _ in range(4):  # 1.2 s of requests 0.3 s apart: each resets the idle clock
+        writer.write(good())
+        assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+        await asyncio.sleep(0.3)
+    started = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # then idle: closed
+    assert 0.2 < time.monotonic() - started < 2.5
+    writer.close()
