@@ -68,16 +68,10 @@ class RequestReader:
 
     # llhttp callbacks
     def on_url(self, url: bytes) -> None:
-        if len(url) > self._max_line:
-            raise RequestHeaderTooLarge(f"The request target is longer than {self._max_line} bytes.")
         self._head.target += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         head = self._head
-        if len(name) + len(value) > self._max_line:
-            raise RequestHeaderTooLarge(f"A header line is longer than {self._max_line} bytes.")
-        if len(head.headers) >= MAX_HEADERS:
-            raise RequestHeaderTooLarge(f"The request has more than {MAX_HEADERS} header lines.")
         head.headers.append((name, value))
         kind = _FRAMING.get(name.lower())
         if kind is None:
@@ -109,6 +103,14 @@ class RequestReader:
         except httptools.HttpParserError as exc:
             raise InvalidHttpRequest(f"Malformed HTTP request: {exc}.") from None
         head = self._head
+        if len(data) > self._max_line:  # a shorter head cannot hold a line over the limit
+            longest = max([len(head.target), *(len(k) + len(v) for k, v in head.headers)])
+            if longest > self._max_line:
+                raise RequestHeaderTooLarge(
+                    f"A request or header line is longer than {self._max_line} bytes."
+                )
+        if len(head.headers) > MAX_HEADERS:
+            raise RequestHeaderTooLarge(f"The request has more than {MAX_HEADERS} header lines.")
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
             # llhttp takes `POST /x\n...` as an HTTP/0.9 line ended by a bare LF: the injection to stop
