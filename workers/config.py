@@ -7,6 +7,9 @@ from pathlib import Path
 
 from lb.settings import ConfigError, load_config, setting
 
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+
 ENGINES = ("hf", "fake")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -51,6 +54,32 @@ class WorkerConfig:
         30.0, "seconds after SIGTERM that running requests may take to finish before they are cut off"
     )
     log_level: str = setting("info", "logging level; debug also logs every HTTP request", choices=LOG_LEVELS)
+    gguf_file: str | None = setting(
+        None, "hf engine: load this GGUF file inside --model-path (dequantised by transformers; needs the "
+        "gguf and accelerate packages)", metavar="FILE"
+    )
+    trust_remote_code: bool = setting(
+        False, "hf engine: run the model code a model directory ships (config.json auto_map); off by default"
+    )
+    attn_implementation: str = setting(
+        "auto", "hf engine: attention kernel; auto = the model's default (sdpa where supported); "
+        "flash_attention_2 needs CUDA and the flash-attn package", choices=ATTN_IMPLEMENTATIONS
+    )
+    quantization: str = setting(
+        "none", "hf engine: load the weights quantised with bitsandbytes (CUDA only)", choices=QUANTIZATIONS
+    )
+    dcp_path: str | None = setting(
+        None, "hf engine: a torch.distributed.checkpoint directory whose tensors replace --base-model's "
+        "weights (as training frameworks save them); --model-path is then optional", metavar="DIR"
+    )
+    base_model: str | None = setting(
+        None, "hf engine: with --dcp-path, the save_pretrained directory giving architecture and tokenizer",
+        metavar="DIR"
+    )
+    admin_token: str | None = setting(
+        None, "bearer token for POST /admin/load (swap the model in place); without it only loopback clients "
+        "may call it", metavar="TOKEN"
+    )
     fake_load_latency: float = setting(
         0.0, "fake engine: seconds its load() takes (to exercise the 503 'loading' state)"
     )
@@ -65,8 +94,10 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ConfigError(f"engine: must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.engine == "hf" and not self.model_path:
+        if self.engine == "hf" and not self.model_path and not self.dcp_path:
             raise ConfigError("model_path: required with --engine hf (or use --engine fake)")
+        if self.dcp_path and not self.base_model:
+            raise ConfigError("base_model: required with --dcp-path (the directory the checkpoint fits)")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port: must be 1-65535, got {self.port}")
         if self.batch_size < 1:
@@ -87,6 +118,8 @@ class WorkerConfig:
             return self.served_model_name
         if self.model_path:
             return Path(self.model_path).resolve().name
+        if self.dcp_path:
+            return Path(self.dcp_path).resolve().name
         return FAKE_MODEL_NAME
 
 
