@@ -66,7 +66,7 @@ class Level:
     concurrency: int
     rounds: list[Summary] = field(default_factory=list)
     cpu: list[CpuShares] = field(default_factory=list)  # per round
-    batches: float = 0.0  # batches the worker started (one engine.generate call each), all rounds
+    batches: float = 0.0  # batches the worker started (into an idle engine), all rounds
     joins: float = 0.0  # requests admitted into an already running batch, all rounds
     prompt_tokens: float = 0.0  # prompt tokens accepted, all rounds
     engine_tokens_per_s: float | None = None
@@ -170,9 +170,9 @@ async def measure_http(config: ThroughputConfig, url: str, model: str, meter: Cp
 
 
 def measure_engine(config: ThroughputConfig, model_path: str, levels: list[Level]) -> None:
-    """Static batches of `concurrency` requests through HFEngine.generate in this process (best of 3)."""
+    """Static batches of `concurrency` requests stepped through HFEngine in this process (best of 3)."""
     os.environ["IB_TORCH_THREADS"] = str(config.torch_threads)
-    from workers.engines.base import EngineRequest, SamplingParams
+    from workers.engines.base import EngineRequest, SamplingParams, run_to_completion
     from workers.engines.hf import HFEngine
 
     engine = HFEngine(model_path, device="cpu", dtype="float32")
@@ -186,8 +186,7 @@ def measure_engine(config: ThroughputConfig, model_path: str, levels: list[Level
             for request in batch:
                 engine.prepare(request)
             started = time.perf_counter()
-            tokens = sum(e.num_tokens for events in engine.generate(batch, lambda _: False, lambda _: [])
-                         for e in events)
+            tokens = sum(e.num_tokens for events in run_to_completion(engine, batch) for e in events)
             best = max(best, tokens / (time.perf_counter() - started))
         level.engine_tokens_per_s = best
         print(f"c={level.concurrency:>3}: {best:8.1f} tok/s engine only", flush=True)
@@ -221,7 +220,7 @@ def report(config: ThroughputConfig, levels: list[Level], load: tuple[float, flo
              f"{config.rounds} interleaved rounds of {config.requests_per_user} requests per user, after one "
              "warm-up request each. `batches / joins`: engine batches started and requests admitted into a "
              "running batch (continuous batching). Engine-only: static batches of the same size through "
-             "`HFEngine.generate` in the benchmark process (no HTTP), best of 3. CPU/wall: CPU seconds per "
+             "`HFEngine.step` in the benchmark process (no HTTP), best of 3. CPU/wall: CPU seconds per "
              "wall second of the worker process, of its busiest thread (the engine thread) and of the load "
              "generator; 1.0 = one core all the time. "
              f"Load average {load[0]:.1f} at start, {load[1]:.1f} at end (other jobs share the 2 cores).")

@@ -1,10 +1,15 @@
-"""Admission: with --max-inflight-per-worker, requests beyond every cap wait in a bounded FIFO queue.
+"""Admission: two priority classes, interactive before bulk, each with its FIFO queue of waiters.
 
-Without a cap, `choose` never awaits: the policy picks among the candidates at once. With a cap, a request
-that finds no backend under it (or finds others already waiting) joins the queue; each release hands the
-freed slot to the oldest waiter that can use it. A grant *reserves* the slot (`backend.reserved`) until the
-waiter resumes and enters `pool.track`, so a newcomer cannot steal it in between, and a waiter cancelled
-after its grant gives the reservation back.
+Interactive requests: with --max-inflight-per-worker, a request that finds no backend under the cap (or
+finds others already waiting) joins the interactive queue; without a cap it never waits. Bulk requests
+(batch lines, and interactive requests marked with the `X-LB-Priority: bulk` header) also respect
+--batch-max-inflight-per-worker (`bulk_cap`) per backend, and are granted a slot only while no interactive
+request is queued: an interactive request that has to wait stops all bulk dispatch until it is served.
+
+Each release hands the freed slot to the oldest waiter that can use it, interactive waiters first. A grant
+*reserves* the slot (`backend.reserved`, and `backend.bulk_reserved` for bulk) until the waiter resumes and
+enters `pool.track`, so a newcomer cannot steal it in between, and a waiter cancelled after its grant gives
+the reservation back.
 """
 
 from __future__ import annotations
@@ -19,17 +24,32 @@ from lb.errors import NoHealthyBackend, QueueFull
 from lb.policies import Policy
 
 Candidates = Callable[[], Sequence[Backend]]  # re-evaluated at each grant: health can change while waiting
+PRIORITY_HEADER = b"x-lb-priority"  # `X-LB-Priority: bulk` puts an interactive request in the bulk class
+DEFAULT_BULK_CAP = 8  # bulk requests per backend: a worker's default --batch-size, enough to keep it full
+
+
+def is_bulk(raw_headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether the client asked for the bulk class (`X-LB-Priority: bulk`, case-insensitive)."""
+    for name, value in raw_headers:
+        if len(name) == 13 and name.lower() == PRIORITY_HEADER:
+            return value.strip().lower() == b"bulk"
+    return False
 
 
 class _Waiter:
-    __slots__ = ("candidates", "exclude", "future")
+    __slots__ = ("bulk", "candidates", "exclude", "future")
 
     def __init__(
-        self, candidates: Candidates, exclude: frozenset[int], future: asyncio.Future[Backend]
+        self,
+        candidates: Candidates,
+        exclude: frozenset[int],
+        future: asyncio.Future[Backend],
+        bulk: bool,
     ) -> None:
         self.candidates = candidates
         self.exclude = exclude
         self.future = future
+        self.bulk = bulk
 
 
 class Admission:
@@ -41,64 +61,88 @@ class Admission:
         max_queue: int,
         queue_timeout: float,
         on_wait: Callable[[float], None] | None = None,
+        bulk_cap: int = DEFAULT_BULK_CAP,
     ) -> None:
         self._pool = pool
         self._policy = policy
         self.cap = max_inflight_per_worker
+        self.bulk_cap = bulk_cap
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
-        self._queue: deque[_Waiter] = deque()
-        self.on_wait = on_wait  # receives each queued request's wait in seconds (metrics)
-        if self.cap is not None:
-            pool.on_release(lambda _backend: self._dispatch())
-            pool.on_change(self._dispatch)
+        self._queue: deque[_Waiter] = deque()  # interactive waiters
+        self._bulk_queue: deque[_Waiter] = deque()
+        self.on_wait = on_wait  # receives each queued interactive request's wait in seconds (metrics)
+        pool.on_release(lambda _backend: self._dispatch())
+        pool.on_change(self._dispatch)
 
     @property
     def depth(self) -> int:
+        """Interactive requests waiting for a slot."""
         return len(self._queue)
 
-    def _available(self, candidates: Sequence[Backend], exclude: frozenset[int]) -> list[Backend]:
-        cap = self.cap
-        assert cap is not None
-        return [b for b in candidates if b.in_flight + b.reserved < cap and b.index not in exclude]
+    @property
+    def bulk_depth(self) -> int:
+        return len(self._bulk_queue)
 
-    async def choose(self, candidates: Candidates, exclude: frozenset[int] = frozenset()) -> Backend:
-        """A routable backend for one attempt; the caller enters `pool.track(backend)` without awaiting first.
+    def _available(self, candidates: Sequence[Backend], exclude: frozenset[int], bulk: bool) -> list[Backend]:
+        cap, bulk_cap = self.cap, self.bulk_cap
+        return [
+            b
+            for b in candidates
+            if b.index not in exclude
+            and (cap is None or b.in_flight + b.reserved < cap)
+            and (not bulk or b.bulk_in_flight + b.bulk_reserved < bulk_cap)
+        ]
+
+    async def choose(
+        self,
+        candidates: Candidates,
+        exclude: frozenset[int] = frozenset(),
+        *,
+        bulk: bool = False,
+        patient: bool = False,
+    ) -> Backend:
+        """A routable backend for one attempt; the caller enters `pool.track(backend, bulk=bulk)` without
+        awaiting first.
 
         Raises NoHealthyBackend when no candidate is routable, QueueFull when the queue is full or the wait
-        times out.
+        times out. `patient` (the balancer's own batch lines) waits without a queue limit or timeout.
         """
         current = candidates()
         if exclude:
             current = [b for b in current if b.index not in exclude]
         if not current:
             raise NoHealthyBackend("No healthy backend is available for this request; retry shortly.")
-        if self.cap is None:
+        if not bulk and self.cap is None:
             return self._policy.choose(current)
-        if not self._queue:
-            free = self._available(current, exclude)
+        queue = self._bulk_queue if bulk else self._queue
+        if not queue and not (bulk and self._queue):
+            free = self._available(current, exclude, bulk)
             if free:
                 return self._policy.choose(free)
-        if len(self._queue) >= self.max_queue:
+        if not patient and len(queue) >= self.max_queue:
             raise QueueFull(
                 f"All workers are busy and {self.max_queue} requests are already queued; retry later."
             )
-        return await self._wait(candidates, exclude)
+        return await self._wait(candidates, exclude, bulk, None if patient else self.queue_timeout)
 
-    async def _wait(self, candidates: Candidates, exclude: frozenset[int]) -> Backend:
+    async def _wait(
+        self, candidates: Candidates, exclude: frozenset[int], bulk: bool, timeout: float | None
+    ) -> Backend:
         future: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(candidates, exclude, future)
-        self._queue.append(waiter)
+        waiter = _Waiter(candidates, exclude, future, bulk)
+        queue = self._bulk_queue if bulk else self._queue
+        queue.append(waiter)
         started = time.perf_counter()
         self._dispatch()  # other waiters' models may leave capacity this one can use right away
         try:
-            async with asyncio.timeout(self.queue_timeout):
+            async with asyncio.timeout(timeout):
                 backend = await future
         except BaseException as exc:
-            if waiter in self._queue:
-                self._queue.remove(waiter)
+            if waiter in queue:
+                queue.remove(waiter)
             if future.done() and not future.cancelled() and future.exception() is None:
-                future.result().reserved -= 1  # granted, then cancelled before use: hand the slot on
+                self._unreserve(future.result(), bulk)  # granted, then cancelled before use: hand it on
                 self._dispatch()
             if isinstance(exc, TimeoutError):
                 raise QueueFull(
@@ -106,16 +150,27 @@ class Admission:
                 ) from None
             raise
         finally:
-            if self.on_wait is not None:
+            if self.on_wait is not None and not bulk:
                 self.on_wait(time.perf_counter() - started)
-        backend.reserved -= 1  # the caller now enters pool.track(backend) in this same loop step
+        self._unreserve(backend, bulk)  # the caller now enters pool.track(backend) in this same loop step
         return backend
 
+    @staticmethod
+    def _unreserve(backend: Backend, bulk: bool) -> None:
+        backend.reserved -= 1
+        if bulk:
+            backend.bulk_reserved -= 1
+
     def _dispatch(self) -> None:
-        """Hand free slots to waiters in FIFO order; a waiter whose candidates have none keeps its place."""
-        if not self._queue:
-            return
-        for waiter in list(self._queue):
+        """Hand free slots to waiters in FIFO order, interactive first; bulk only once none is waiting."""
+        if self._queue:
+            self._grant(self._queue)
+        if self._bulk_queue and not self._queue:
+            self._grant(self._bulk_queue)
+
+    def _grant(self, queue: deque[_Waiter]) -> None:
+        """A waiter whose candidates have no free slot keeps its place."""
+        for waiter in list(queue):
             if waiter.future.done():
                 continue
             candidates = waiter.candidates()
@@ -123,18 +178,21 @@ class Admission:
                 waiter.future.set_exception(
                     NoHealthyBackend("No healthy backend is available for this request; retry shortly.")
                 )
-                self._queue.remove(waiter)
+                queue.remove(waiter)
                 continue
-            free = self._available(candidates, waiter.exclude)
+            free = self._available(candidates, waiter.exclude, waiter.bulk)
             if free:
                 backend = self._policy.choose(free)
                 backend.reserved += 1
-                self._queue.remove(waiter)
+                if waiter.bulk:
+                    backend.bulk_reserved += 1
+                queue.remove(waiter)
                 waiter.future.set_result(backend)
 
     def fail_all(self, exc: Exception) -> None:
-        """Shutdown: every waiter gets `exc`."""
-        while self._queue:
-            waiter = self._queue.popleft()
-            if not waiter.future.done():
-                waiter.future.set_exception(exc)
+        """Shutdown: every waiter, interactive and bulk, gets `exc`."""
+        for queue in (self._queue, self._bulk_queue):
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.future.done():
+                    waiter.future.set_exception(exc)

@@ -35,6 +35,7 @@ async def get_stats(request: web.Request) -> web.Response:
         started=state.started,
         queue_depth=state.admission.depth,
     )
+    body["batches"] = state.batches.running()  # batches being dispatched, with their progress
     return web.json_response(body)
 
 

@@ -16,6 +16,8 @@ from lb.admission import Admission
 from lb.backends import BackendPool
 from lb.config import BalancerConfig
 from lb.health import HealthChecker
+from lb.jobs import api_batches, api_files
+from lb.jobs.batches import BatchService
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
 from lb.policies import POLICIES
@@ -54,12 +56,15 @@ def create_app(config: BalancerConfig) -> web.Application:
         config.max_inflight_per_worker,
         config.max_queue,
         config.queue_timeout,
+        bulk_cap=config.batch_max_inflight_per_worker,
     )
     metrics = Metrics(pool, lambda: admission.depth)
     admission.on_wait = metrics.queue_wait.observe
     app[STATE] = BalancerState(config, pool, ModelRouter(pool), admission, metrics)
     app.cleanup_ctx.append(_client_and_checker)
     api_status.add_routes(app)
+    api_files.add_routes(app)
+    api_batches.add_routes(app)
     api_status.add_catch_all(app)  # last: it matches every path
     return app
 
@@ -89,7 +94,13 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
     # 4. a first probe of every worker, so those already up take traffic from the first request
     await state.health.check_all()
     task = asyncio.create_task(state.health.run(), name="lb-health")
+    # 5. batches: resume the unfinished ones in --data-dir, then dispatch (workers' models are known now)
+    state.batches = BatchService(
+        config, state.pool, state.router, state.admission, state.health, state.metrics, client
+    )
+    await state.batches.start()
     yield
+    await state.batches.stop()  # lines in flight are sent again after a restart
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

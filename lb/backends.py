@@ -17,6 +17,8 @@ class Backend:
 
     __slots__ = (
         "base_path",
+        "bulk_in_flight",
+        "bulk_reserved",
         "consecutive_failures",
         "consecutive_successes",
         "draining",
@@ -55,6 +57,8 @@ class Backend:
         self.removed = False
         self.in_flight = 0
         self.reserved = 0  # queue grants handed out but not yet tracked (see Admission)
+        self.bulk_in_flight = 0  # of in_flight, those in the bulk class (batch lines; capped per backend)
+        self.bulk_reserved = 0
         self.requests_served = 0
         self.errors = 0
         self.status_counts: dict[int, int] = {}  # HTTP status -> responses relayed from this backend
@@ -79,21 +83,23 @@ class Backend:
 class Tracked:
     """`async with pool.track(backend)`: counts one in-flight request and always releases it on exit."""
 
-    __slots__ = ("_backend", "_pool")
+    __slots__ = ("_backend", "_bulk", "_pool")
 
-    def __init__(self, pool: BackendPool, backend: Backend) -> None:
+    def __init__(self, pool: BackendPool, backend: Backend, bulk: bool = False) -> None:
         self._pool = pool
         self._backend = backend
+        self._bulk = bulk
 
     async def __aenter__(self) -> Backend:
         # no await before the increment: a policy's choice and the count change happen in one loop step
         self._backend.in_flight += 1
+        self._backend.bulk_in_flight += self._bulk
         return self._backend
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._pool.release(self._backend)
+        self._pool.release(self._backend, self._bulk)
 
 
 class BackendPool:
@@ -129,11 +135,12 @@ class BackendPool:
     def find_url(self, url: str) -> Backend | None:
         return next((b for b in self.backends if b.url == url), None)
 
-    def track(self, backend: Backend) -> Tracked:
-        return Tracked(self, backend)
+    def track(self, backend: Backend, bulk: bool = False) -> Tracked:
+        return Tracked(self, backend, bulk)
 
-    def release(self, backend: Backend) -> None:
+    def release(self, backend: Backend, bulk: bool = False) -> None:
         backend.in_flight -= 1
+        backend.bulk_in_flight -= bulk
         for listener in self._release_listeners:
             listener(backend)
 

@@ -68,6 +68,23 @@ class BalancerConfig:
         "checkpoint registry) and uploaded / output files",
         metavar="DIR",
     )
+    batch_max_lines: int = setting(50_000, "most request lines in one batch input file (OpenAI's limit)")
+    batch_max_file_size: int = setting(
+        512 * 1024 * 1024,
+        "largest batch input file in bytes; an upload beyond it is refused (413), uploads are streamed to disk",
+        metavar="BYTES",
+    )
+    batch_line_retries: int = setting(
+        3,
+        "retries of a batch line on another worker after a retryable failure (worker died, connect error, "
+        "5xx or 429 before any byte)",
+    )
+    batch_max_inflight_per_worker: int = setting(
+        8,
+        "most batch lines in flight on one worker at a time; interactive requests go first and take the rest "
+        "(set it to the workers' --batch-size to keep their batches full)",
+        metavar="N",
+    )
     drain_timeout: float = setting(30.0, "seconds in-flight requests may take to finish on SIGTERM/SIGINT")
     log_level: str = setting("info", "logging level", choices=LOG_LEVELS)
 
@@ -87,10 +104,17 @@ class BalancerConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0")
-        for name in ("unhealthy_threshold", "healthy_threshold", "max_body_size"):
+        for name in (
+            "unhealthy_threshold",
+            "healthy_threshold",
+            "max_body_size",
+            "batch_max_lines",
+            "batch_max_file_size",
+            "batch_max_inflight_per_worker",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
-        for name in ("max_retries", "max_queue", "drain_timeout"):
+        for name in ("max_retries", "max_queue", "drain_timeout", "batch_line_retries"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0")
         if self.max_inflight_per_worker is not None and self.max_inflight_per_worker < 1:

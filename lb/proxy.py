@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 
-from lb.admission import Admission
+from lb.admission import Admission, is_bulk
 from lb.auth import check_bearer
 from lb.backends import Backend, BackendPool
 from lb.config import BalancerConfig
@@ -161,8 +161,9 @@ class Proxy:
             current = _empty  # known model, nobody healthy serving it: 503 from admission
         tried: frozenset[int] = frozenset()
         retries = 0
+        bulk = is_bulk(exchange.raw_headers)  # the client stepped aside: it waits behind interactive traffic
         while True:
-            backend = await self._admission.choose(current, tried)
+            backend = await self._admission.choose(current, tried, bulk=bulk)
             can_retry = (
                 retries < self._max_retries
                 and not isinstance(body, AsyncIterator)
@@ -176,7 +177,7 @@ class Proxy:
                 and model not in backend.models
             ):
                 sent = rewrite_model(body, served_name(backend, model))  # matched by normalised name
-            async with pool.track(backend):
+            async with pool.track(backend, bulk):
                 outcome = await self._attempt(exchange, backend, sent, retries, can_retry, started)
             if not isinstance(outcome, _Retry):
                 return outcome

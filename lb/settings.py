@@ -177,12 +177,16 @@ def load_config(
     env_prefix: str,
     environ: Mapping[str, str] | None = None,
     translate_yaml: Callable[[dict[str, Any], str], Mapping[str, Any]] | None = None,
+    sources: dict[str, str] | None = None,
 ) -> C:
     """Parse argv (exits with usage on --help or a bad flag), merge YAML and env, validate, return `cls`.
 
     `translate_yaml(data, source)` rewrites the YAML mapping into field names first, for a component that also
-    reads another file format (the launcher reads the seed's cluster YAML).
+    reads another file format (the launcher reads the seed's cluster YAML). `sources`, when given, is filled
+    with where each set field came from ("config file F", "environment VAR", "flag --name"); a field
+    missing from it kept its default.
     """
+    origin: dict[str, str] = {} if sources is None else sources
     parser = build_parser(cls, prog, description)
     args = vars(parser.parse_args(argv))
     fields = _fields(cls)
@@ -193,12 +197,16 @@ def load_config(
         yaml_values = read_yaml(config_path)
         if translate_yaml is not None:
             yaml_values = dict(translate_yaml(yaml_values, source))
-        merged.update(coerce_mapping(cls, yaml_values, source))
+        from_yaml = coerce_mapping(cls, yaml_values, source)
+        merged.update(from_yaml)
+        origin.update(dict.fromkeys(from_yaml, source))
     env = os.environ if environ is None else environ
     for name, (_, annotation) in fields.items():
         env_key = env_prefix + name.upper()
         if env_key in env:
             merged[name] = coerce(env_key, env[env_key], annotation)
+            origin[name] = f"environment {env_key}"
     for name, value in args.items():
         merged[name] = coerce(flag_name(name), value, fields[name][1])
+        origin[name] = f"flag {flag_name(name)}"
     return _construct(cls, merged)

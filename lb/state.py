@@ -13,6 +13,7 @@ from lb.admission import Admission
 from lb.backends import BackendPool
 from lb.config import BalancerConfig
 from lb.health import HealthChecker
+from lb.jobs.batches import BatchService
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
 from lb.proxy import Proxy
@@ -38,6 +39,7 @@ class BalancerState:
     health: HealthChecker = field(init=False)
     admin: Admin = field(init=False)
     proxy: Proxy = field(init=False)
+    batches: BatchService = field(init=False)  # files, batches and the internal API for jobs (lb/jobs/)
 
 
 STATE = web.AppKey("balancer_state", BalancerState)

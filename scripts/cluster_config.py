@@ -24,11 +24,11 @@ from lb.settings import (
     read_yaml,
 )
 from lb.settings import setting as s
+from scripts.profilers import PROFILE_TOOLS
 from scripts.seed_yaml import translate
 
 ENGINES = ("hf", "fake", "vllm", "sglang")
 POLICIES = ("round_robin", "least_connections", "power_of_two")
-PROFILE_TOOLS = ("nsys", "pytorch")
 ENV_PREFIX = "IB_CLUSTER_"
 DEFAULT_RUN_DIR = "~/.cache/inference-balancer/run"
 
@@ -122,10 +122,10 @@ class ClusterConfig:
     stop_timeout: float = s(30.0, "seconds each process group gets to exit after SIGTERM (the balancer "
                                   "drains in it) before SIGKILL", metavar="S")
     profile_enabled: bool = s(False, "run workers under a profiler (profile.enabled in YAML)")
-    profile_tool: str = s("nsys", "profiler: nsys prefixes the command; pytorch sets the engine's "
-                                  "torch profiler directory", choices=PROFILE_TOOLS)
+    profile_tool: str = s("nsys", "profiler: nsys (Nsight Systems) or amd (rocprof) prefixes the command; "
+                                  "pytorch sets the engine's torch profiler directory", choices=PROFILE_TOOLS)
     profile_output_dir: str = s("profiles", "where profiles are written", metavar="DIR")
-    profile_args: str = s("", "extra profiler arguments, shell-quoted (nsys only)", metavar="ARGS")
+    profile_args: str = s("", "extra profiler arguments, shell-quoted (nsys and amd)", metavar="ARGS")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "env_vars", parse_env_vars("env_vars", self.env_vars or {}))

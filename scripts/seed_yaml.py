@@ -33,7 +33,8 @@ SECTION_KEYS = {
 
 
 def server_args(value: Any, key: str) -> list[str]:
-    """Argv words from a list (kept in order) or a dict (`--key value`; true = bare flag; false/null dropped).
+    """Argv words from a list (kept in order; a mapping item expands in place), or a dict (`--key value`;
+    true = bare flag; false/null dropped).
 
     Dict keys may be written with or without `--`; underscores become dashes. A dict value is JSON-encoded
     (vLLM reads e.g. `--override-generation-config '{"temperature": 0}'`); list values follow the flag.
@@ -42,12 +43,15 @@ def server_args(value: Any, key: str) -> list[str]:
         return []
     if isinstance(value, str):
         return shlex.split(value)
-    if isinstance(value, list):
+    if isinstance(value, list):  # mixed form: a mapping inside the list expands in place as dict form
         words: list[str] = []
         for item in value:
-            if isinstance(item, dict | list):
-                raise ConfigError(f"{key}: list items must be strings or numbers, got {item!r}")
-            words.append(_scalar(item))
+            if isinstance(item, Mapping):
+                words += server_args(item, key)
+            elif isinstance(item, list):
+                raise ConfigError(f"{key}: list items must be strings, numbers or mappings, got {item!r}")
+            else:
+                words.append(_scalar(item))
         return words
     if isinstance(value, Mapping):
         words = []

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from lb.settings import ConfigError, load_config, setting
 
@@ -135,9 +138,33 @@ class SlurmJobConfig:
         return Path(self.output_dir).expanduser().resolve()
 
 
-def load(argv: list[str] | None = None) -> SlurmJobConfig:
+# SLURM's own conventions, read when no flag, YAML key or IB_SLURM_* variable sets the value: sbatch's
+# input variables first, then the plain ACCOUNT that cluster guides ask users to export
+CONVENTION_ENV = {"account": ("SBATCH_ACCOUNT", "ACCOUNT"), "partition": ("SBATCH_PARTITION",)}
+
+
+def load(argv: list[str] | None = None, environ: Mapping[str, str] | None = None,
+         sources: dict[str, str] | None = None) -> SlurmJobConfig:
+    """The job's settings; `sources` (when given) says where each set value came from."""
+    env = os.environ if environ is None else environ
+    origin: dict[str, str] = {} if sources is None else sources
+    cfg = _load(argv, env, origin)
+    for name, variables in CONVENTION_ENV.items():
+        if name in origin:
+            continue
+        for variable in variables:
+            if env.get(variable):
+                changes: dict[str, Any] = {name: env[variable]}
+                cfg = dataclasses.replace(cfg, **changes)
+                origin[name] = f"environment {variable}"
+                break
+    return cfg
+
+
+def _load(argv: list[str] | None, environ: Mapping[str, str], sources: dict[str, str]) -> SlurmJobConfig:
     return load_config(
         SlurmJobConfig, argv, prog="slurm/start_multi_gpu_slurm.sh", env_prefix=ENV_PREFIX,
+        environ=environ, sources=sources,
         description=(
             "Submit one SLURM batch job that serves a model behind the balancer: one node task per node\n"
             "starts a worker per GPU SLURM allocated there (or --cpu-workers N), the balancer runs on the\n"
@@ -146,6 +173,9 @@ def load(argv: list[str] | None = None) -> SlurmJobConfig:
             "here and prints it with an OpenAI SDK example. scancel (or the time limit) drains the balancer\n"
             "and stops every worker.\n\n"
             "  slurm/start_multi_gpu_slurm.sh --gpus 8 --nodes 2 --model-path /models/llama --wait\n\n"
-            f"Every flag is also a YAML key in --config and an environment variable {ENV_PREFIX}<FLAG_NAME>."
+            "Every flag is also a YAML key in --config and an environment variable\n"
+            f"{ENV_PREFIX}<FLAG_NAME>. "
+            "Without any of those, --account comes from SBATCH_ACCOUNT or ACCOUNT and --partition from\n"
+            "SBATCH_PARTITION (SLURM's conventions); --dry-run shows where each value came from."
         ),
     )

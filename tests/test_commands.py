@@ -173,3 +173,24 @@ def test_free_ports_are_used_as_asked() -> None:
     base = free_port()
     alloc = PortAllocator("127.0.0.1")
     assert alloc.take(base, "balancer") == base and alloc.substitutions == []
+
+
+def test_amd_profile_without_rocprof_is_a_clear_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    cfg = config(tmp_path, "model: /m\nprofile: {enabled: true, tool: amd}\n")
+    with pytest.raises(ConfigError, match="`rocprof` is not on PATH"):
+        worker_command(cfg, SPEC)
+
+
+def test_amd_profile_prefixes_the_worker_command_with_rocprof(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rocprof = tmp_path / "rocprof"
+    rocprof.write_text("#!/bin/sh\n")
+    rocprof.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    cfg = config(tmp_path, f"model: /m\nprofile: {{enabled: true, tool: amd, output_dir: {tmp_path}/p, "
+                           "args: [--hip-trace]}\n")
+    argv = worker_command(cfg, SPEC)
+    assert argv[:4] == [str(rocprof), "-d", f"{tmp_path}/p/worker-1", "--hip-trace"]
+    assert argv[4:7] == [sys.executable, "-m", "workers"]

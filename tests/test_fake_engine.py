@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.engines.base import EngineRequest, SamplingParams, TokenEvent
+from workers.engines.base import EngineRequest, SamplingParams, TokenEvent, run_to_completion
 from workers.engines.fake import FakeEngine, fake_eos_position
 
 
@@ -10,7 +10,7 @@ def run(engine: FakeEngine, *requests: EngineRequest) -> dict[str, list[TokenEve
     out: dict[str, list[TokenEvent]] = {r.request_id: [] for r in requests}
     for r in requests:
         engine.prepare(r)
-    for events in engine.generate(list(requests), lambda _: False, lambda _: []):
+    for events in run_to_completion(engine, list(requests)):
         for event in events:
             out[event.request_id].append(event)
     return out

@@ -39,39 +39,41 @@ def batch_sizes(engine: HFEngine) -> Iterator[list[int]]:
 @dataclass
 class Outcome:
     text: str = ""
+    token_ids: list[int] = field(default_factory=list)
     events: int = 0
     finish_reason: str | None = None
 
 
 @dataclass
 class Run:
-    """Drives engine.generate like the batcher: optional joins at given steps, cancellations after a step."""
+    """Drives the engine as the batcher does: joins before given steps, cancellation after a request's nth
+    token; every event is checked against the engine's contract."""
 
     engine: HFEngine
-    joins: dict[int, list[EngineRequest]] = field(default_factory=dict)  # admit() call number -> requests
-    cancel_after: dict[str, int] = field(default_factory=dict)  # request id -> events seen before cancelling
+    joins: dict[int, list[EngineRequest]] = field(default_factory=dict)  # step number -> requests joining
+    cancel_after: dict[str, int] = field(default_factory=dict)  # request id -> tokens seen before cancelling
     outcomes: dict[str, Outcome] = field(default_factory=dict)
-    admit_calls: int = 0
 
     def __call__(self, batch: list[EngineRequest]) -> dict[str, Outcome]:
         for request in batch + [r for rs in self.joins.values() for r in rs]:
             self.engine.prepare(request)
             self.outcomes[request.request_id] = Outcome()
-        for events in self.engine.generate(batch, self.is_cancelled, self.admit):
-            for event in events:
+        self.engine.add(batch)
+        step = 0
+        while self.engine.num_running or self.joins:
+            step += 1
+            if step in self.joins:
+                self.engine.add(self.joins.pop(step))
+            for event in self.engine.step():
                 outcome = self.outcomes[event.request_id]
                 assert outcome.finish_reason is None, "an event after the request's last one"
                 assert not self.is_cancelled(event.request_id), "an event for a cancelled request"
                 outcome.text += event.text
+                outcome.token_ids += event.token_ids
                 outcome.events += event.num_tokens
                 outcome.finish_reason = event.finish_reason
+            self.engine.abort([rid for rid in self.cancel_after if self.is_cancelled(rid)])
         return self.outcomes
-
-    def admit(self, n: int) -> list[EngineRequest]:
-        self.admit_calls += 1
-        joined = self.joins.pop(self.admit_calls, [])
-        assert len(joined) <= n
-        return joined
 
     def is_cancelled(self, request_id: str) -> bool:
         limit = self.cancel_after.get(request_id)
@@ -111,22 +113,36 @@ def test_repetition_penalty_matches_transformers_generate(engine: HFEngine) -> N
 
 
 def test_batched_greedy_equals_single_for_very_different_lengths(engine: HFEngine) -> None:
-    singles = [alone(engine, p, greedy()).text for p in PROMPTS]
+    singles = [alone(engine, p, greedy()).token_ids for p in PROMPTS]
     outcomes = Run(engine)([EngineRequest(f"r{i}", p, greedy()) for i, p in enumerate(PROMPTS)])
-    assert [outcomes[f"r{i}"].text for i in range(len(PROMPTS))] == singles
-    assert len(set(singles)) == len(singles)  # discriminative: every prompt continues differently
+    assert [outcomes[f"r{i}"].token_ids for i in range(len(PROMPTS))] == singles
+    assert len({tuple(t) for t in singles}) == len(singles)  # discriminative: each continues differently
 
 
 def test_requests_admitted_mid_batch_equal_single(engine: HFEngine, batch_sizes: list[int]) -> None:
-    singles = [alone(engine, p, greedy()).text for p in PROMPTS]
+    singles = [alone(engine, p, greedy()).token_ids for p in PROMPTS]
     batch_sizes.clear()
     run = Run(engine, joins={
-        2: [EngineRequest("r1", PROMPTS[1], greedy())],
-        5: [EngineRequest("r2", PROMPTS[2], greedy()), EngineRequest("r3", PROMPTS[3], greedy())],
+        3: [EngineRequest("r1", PROMPTS[1], greedy())],
+        6: [EngineRequest("r2", PROMPTS[2], greedy()), EngineRequest("r3", PROMPTS[3], greedy())],
     })
     outcomes = run([EngineRequest("r0", PROMPTS[0], greedy())])
-    assert [outcomes[f"r{i}"].text for i in range(len(PROMPTS))] == singles
+    assert [outcomes[f"r{i}"].token_ids for i in range(len(PROMPTS))] == singles
     assert max(batch_sizes) == 4  # the joined requests really decoded together with the first
+
+
+def test_a_joiner_shorter_than_the_running_rows_equals_single(
+    engine: HFEngine, batch_sizes: list[int],
+) -> None:
+    singles = {p: alone(engine, p, greedy()).token_ids for p in (PROMPTS[0], PROMPTS[3])}
+    batch_sizes.clear()
+    # the one-token prompt joins rows that already hold ~140 prompt tokens plus 4 generated ones:
+    # its cache is left-padded by the merge, so only the mask keeps it from attending to that padding
+    run = Run(engine, joins={5: [EngineRequest("short", PROMPTS[0], greedy())]})
+    outcomes = run([EngineRequest("long", PROMPTS[3], greedy())])
+    assert outcomes["short"].token_ids == singles[PROMPTS[0]]
+    assert outcomes["long"].token_ids == singles[PROMPTS[3]]
+    assert batch_sizes.count(2) > 10  # the two rows really decoded together
 
 
 def test_each_row_keeps_its_own_parameters(engine: HFEngine) -> None:
@@ -159,7 +175,7 @@ def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(engine: HFEngine) 
 
 
 def test_cancelled_request_leaves_the_batch(engine: HFEngine, batch_sizes: list[int]) -> None:
-    singles = {p: alone(engine, p, greedy(16)).text for p in PROMPTS[:2]}
+    singles = {p: alone(engine, p, greedy(16)).token_ids for p in PROMPTS[:2]}
     batch_sizes.clear()
     run = Run(engine, cancel_after={"gone": 3})
     outcomes = run([
@@ -168,7 +184,7 @@ def test_cancelled_request_leaves_the_batch(engine: HFEngine, batch_sizes: list[
         EngineRequest("b", PROMPTS[1], greedy(16)),
     ])
     assert outcomes["gone"].events == 3 and outcomes["gone"].finish_reason is None
-    assert outcomes["a"].text == singles[PROMPTS[0]] and outcomes["b"].text == singles[PROMPTS[1]]
+    assert outcomes["a"].token_ids == singles[PROMPTS[0]] and outcomes["b"].token_ids == singles[PROMPTS[1]]
     assert batch_sizes[:3] == [3, 3, 3] and set(batch_sizes[3:]) == {2}  # compute stops at once
 
 

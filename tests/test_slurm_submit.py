@@ -124,6 +124,28 @@ def test_dry_run_prints_the_sbatch_command_without_submitting() -> None:
     assert "export IB_JOB_EXPECTED_WORKERS=4" in result.stdout
 
 
+@pytest.mark.parametrize(("env", "flags", "expected"), [
+    ({"ACCOUNT": "acct"}, [], ("--account=acct", "environment ACCOUNT")),
+    ({"SBATCH_ACCOUNT": "sb", "ACCOUNT": "acct"}, [], ("--account=sb", "environment SBATCH_ACCOUNT")),
+    ({"ACCOUNT": "acct", "IB_SLURM_ACCOUNT": "ours"}, [], ("--account=ours", "environment IB_SLURM_ACCOUNT")),
+    ({"ACCOUNT": "acct"}, ["--account", "flag"], ("--account=flag", "flag --account")),
+    ({"SBATCH_PARTITION": "gpu"}, [], ("--partition=gpu", "environment SBATCH_PARTITION")),
+])
+def test_slurm_convention_variables_fill_unset_values_and_the_dry_run_says_from_where(
+        env: dict[str, str], flags: list[str], expected: tuple[str, str]) -> None:
+    clean = {k: v for k, v in child_env().items()
+             if k not in ("ACCOUNT", "SBATCH_ACCOUNT", "SBATCH_PARTITION", "IB_SLURM_ACCOUNT")}
+    result = subprocess.run([sys.executable, "-m", "slurm.submit", "--gpus", "2", "--engine", "fake",
+                             "--dry-run", *flags], env={**clean, **env}, capture_output=True, text=True,
+                            timeout=60, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    option, source = expected
+    sbatch = next(line for line in result.stdout.splitlines() if line.startswith("sbatch "))
+    assert option in sbatch.split()
+    name, value = option[2:].split("=")
+    assert f"# {name} = {value!r}  ({source})" in result.stdout
+
+
 def test_container_image_runs_both_steps_through_pyxis(tmp_path: Path) -> None:
     """The batch template outside SLURM, with an `srun` that records its arguments: both steps get the image
     and the default mounts. (No pyxis here: this checks the options, not a container run.)"""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 
 import pytest_asyncio
 from aiohttp import web
@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tests.test_batcher import RecordingEngine
 from workers.config import WorkerConfig
-from workers.engines.base import EngineRequest, TokenEvent
+from workers.engines.base import TokenEvent
 from workers.server import LOAD_TASK, create_app
 from workers.state import STATE
 
@@ -19,19 +19,12 @@ Client = TestClient[web.Request, web.Application]
 
 
 class FailingEngine(RecordingEngine):
-    """Raises after the first decode step of any request whose prompt contains "explode"."""
+    """Raises after the first step of any batch holding a request whose prompt contains "explode"."""
 
-    def generate(
-        self,
-        batch: list[EngineRequest],
-        is_cancelled: Callable[[str], bool],
-        admit: Callable[[int], list[EngineRequest]],
-    ) -> Iterator[list[TokenEvent]]:
-        explode = any("explode" in r.prompt for r in batch)
-        for events in super().generate(batch, is_cancelled, lambda n: []):
-            yield events
-            if explode:
-                raise RuntimeError("the GPU caught fire")
+    def step(self) -> list[TokenEvent]:
+        if self.steps_of_batch >= 1 and any("explode" in s.request.prompt for s in self._running):
+            raise RuntimeError("the GPU caught fire")
+        return super().step()
 
 
 @pytest_asyncio.fixture(loop_scope="function")

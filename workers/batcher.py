@@ -1,14 +1,16 @@
-"""The dynamic batcher: a bounded queue in front of ONE engine thread, with per-request event streams.
+"""The dynamic batcher: a bounded queue in front of ONE engine thread, which it drives step by step.
 
-Shape (after Ray Serve's batching): requests wait in a queue until `batch_size` are there or `max_wait_time`
-has passed since the oldest arrived; the engine thread runs `engine.generate` on the batch and, after every
-decode step, hands that step's events to the event loop with one `call_soon_threadsafe`, which puts each
-event on its submission's asyncio queue. Between steps the engine may `admit(n)` queued requests into the
-running batch (continuous batching). A cancelled request leaves the queue at once, or the running batch at
-its next step. One engine exception is fanned out to every request it affected; the worker keeps serving.
+Shape (Ray Serve's batching for the queue, nano-vllm's `LLMEngine.step` for the loop): requests wait in a
+queue until `batch_size` are there or `max_wait_time` has passed since the oldest arrived; then the engine
+thread loops: admit (a fresh batch into an idle engine, or queued requests into the free slots beside the
+running rows: continuous batching), retire cancelled rows (`Engine.abort`), advance one `Engine.step`, and
+hand that step's events to the event loop with one `call_soon_threadsafe`, which puts each event on its
+submission's asyncio queue; finished rows leave. Admission, cancellation and delivery live here once, for
+every engine. A cancelled request leaves the queue at once, or the engine before its next step. One engine
+exception is fanned out to every request it affected; the worker keeps serving.
 
 Threads: the event loop (submit, cancel, delivery), one "prepare" thread (tokenising, so a long prompt never
-blocks the loop nor waits behind a batch) and one "engine" thread (load, then generate). Shared state (the
+blocks the loop nor waits behind a batch) and one "engine" thread (load, then step). Shared state (the
 queue, running and cancelled sets) is guarded by one lock.
 """
 
@@ -58,6 +60,7 @@ class DynamicBatcher:
         self._wakeup = threading.Condition(self._lock)
         self._queue: deque[_Entry] = deque()
         self._running: dict[str, Submission] = {}  # request id -> its submission, while in the engine
+        self._active: dict[str, _Entry] = {}  # what the engine holds; changed on the engine thread only
         self._cancelled: set[str] = set()
         self._preparing = 0  # requests between admission and the queue (tokenising); loop thread only
         self._stopping = False
@@ -191,8 +194,8 @@ class DynamicBatcher:
             return
         self._call_soon(self._settle, loaded, None)
         try:
-            while (batch := self._next_batch()) is not None:
-                self._run_batch(batch)
+            while self._admit():
+                self._step()
         except BaseException as exc:  # a bug of ours, not the engine's: stop serving loudly, never hang
             log.exception("the engine thread died")
             self.failure = f"engine thread died: {type(exc).__name__}: {exc}"
@@ -211,76 +214,88 @@ class DynamicBatcher:
             self._wakeup.notify_all()
         return list({id(s): s for s in dropped}.values())
 
-    def _next_batch(self) -> list[_Entry] | None:
-        """Block until a batch is due: batch_size requests queued, or the oldest waited max_wait_time."""
+    def _admit(self) -> bool:
+        """Hand queued requests to the engine: a fresh batch when it is idle (after waiting for one to fill),
+        else as many as fit beside the running rows, without waiting. False once the batcher is stopping."""
         with self._wakeup:
-            while True:
-                while not self._queue and not self._stopping:
-                    self._wakeup.wait()
-                if self._stopping:
-                    return None
-                deadline = self._queue[0].enqueued_at + self.max_wait_time
-                while self._queue and len(self._queue) < self.batch_size and not self._stopping:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._wakeup.wait(remaining)
-                if self._queue and not self._stopping:
-                    batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
-                    self._running.update((e.request.request_id, e.submission) for e in batch)
-                    return batch
+            if self._active:
+                room = min(self.batch_size - len(self._active), self.engine.free_slots(), len(self._queue))
+                entries = [self._queue.popleft() for _ in range(max(room, 0))]
+            else:
+                entries = self._wait_for_batch()
+            if self._stopping:
+                return False
+            self._running.update((e.request.request_id, e.submission) for e in entries)
+        if entries:
+            if self.metrics is not None:
+                if self._active:
+                    self.metrics.observe_admitted(len(entries))
+                else:
+                    self.metrics.observe_batch(len(entries))
+            self._active.update((e.request.request_id, e) for e in entries)
+            self.engine.add([e.request for e in entries])
+        return True
 
-    def _run_batch(self, batch: list[_Entry]) -> None:
-        active = {e.request.request_id: e for e in batch}  # unfinished requests of this engine call
-        seen = list(active)
-        if self.metrics is not None:
-            self.metrics.observe_batch(len(batch))
+    def _wait_for_batch(self) -> list[_Entry]:
+        """Under the lock: block until a batch is due (batch_size queued, or the oldest waited
+        max_wait_time) and take it; empty when stopping."""
+        while not self._queue and not self._stopping:
+            self._wakeup.wait()
+        if self._stopping:
+            return []
+        deadline = self._queue[0].enqueued_at + self.max_wait_time
+        while len(self._queue) < self.batch_size and not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wakeup.wait(remaining)
+        return [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
 
-        def admit(n: int) -> list[EngineRequest]:
-            with self._lock:
-                room = min(n, self.batch_size - len(self._running), len(self._queue))
-                joined = [self._queue.popleft() for _ in range(max(room, 0))]
-                self._running.update((e.request.request_id, e.submission) for e in joined)
-            for entry in joined:
-                active[entry.request.request_id] = entry
-                seen.append(entry.request.request_id)
-            if joined and self.metrics is not None:
-                self.metrics.observe_admitted(len(joined))
-            return [e.request for e in joined]
-
+    def _step(self) -> None:
+        """Retire cancelled rows, advance the engine one step, deliver its events."""
+        with self._lock:
+            gone = [rid for rid in self._active if rid in self._cancelled]
+            self._cancelled.difference_update(gone)
+        if gone:
+            self.engine.abort(gone)
+            for request_id in gone:
+                del self._active[request_id]
+        if not self._active:
+            return
         try:
-            for events in self.engine.generate([e.request for e in batch], self._is_cancelled, admit):
-                self._dispatch(events, active)
+            events = self.engine.step()
         except Exception as exc:  # one engine failure fails exactly the requests it was generating
-            log.exception("engine failed while generating a batch of %d requests", len(active))
-            self._fail(self._live(active), EngineFailed(f"the engine failed: {type(exc).__name__}: {exc}"))
-            active.clear()
-        finally:
-            leftovers = self._live(active)
-            if leftovers:
-                log.error("engine ended a batch without finishing %d requests", len(leftovers))
-                self._fail(leftovers, EngineFailed("the engine ended its batch before this request"))
-            with self._lock:
-                for request_id in seen:
-                    self._running.pop(request_id, None)
-                self._cancelled.difference_update(seen)
+            log.exception("engine failed in a step of %d requests", len(self._active))
+            failure = EngineFailed(f"the engine failed: {type(exc).__name__}: {exc}")
+            self._fail(self._live(self._active), failure)
+            self._retire(list(self._active))
+            return
+        self._dispatch(events)
 
-    def _dispatch(self, events: list[TokenEvent], active: dict[str, _Entry]) -> None:
+    def _retire(self, request_ids: list[str]) -> None:
+        """These requests left the engine (finished or failed): forget them everywhere."""
+        self.engine.abort([rid for rid in request_ids if rid in self._active])
+        with self._lock:
+            for request_id in request_ids:
+                self._active.pop(request_id, None)
+                self._running.pop(request_id, None)
+                self._cancelled.discard(request_id)
+
+    def _dispatch(self, events: list[TokenEvent]) -> None:
         deliveries: list[tuple[Submission, TokenEvent]] = []
         finished: list[str] = []
-        for event in events:
-            entry = active.get(event.request_id)
-            if entry is None:
-                continue
-            if event.finished:
-                del active[event.request_id]
-                finished.append(event.request_id)
-            if not self._is_cancelled(event.request_id):
-                deliveries.append((entry.submission, event))
-        if finished:
-            with self._lock:
-                for request_id in finished:
-                    self._running.pop(request_id, None)
+        with self._lock:
+            for event in events:
+                entry = self._active.get(event.request_id)
+                if entry is None:
+                    continue
+                if event.request_id not in self._cancelled:
+                    deliveries.append((entry.submission, event))
+                if event.finished:
+                    finished.append(event.request_id)
+                    self._active.pop(event.request_id)
+                    self._running.pop(event.request_id, None)
+                    self._cancelled.discard(event.request_id)
         if deliveries:
             self._call_soon(self._deliver, deliveries)
 
@@ -291,10 +306,6 @@ class DynamicBatcher:
     def _fail(self, entries: list[_Entry], exc: BaseException) -> None:
         for submission in {id(e.submission): e.submission for e in entries}.values():
             self._call_soon(submission.put, exc)
-
-    def _is_cancelled(self, request_id: str) -> bool:
-        with self._lock:
-            return request_id in self._cancelled
 
     def _call_soon(self, callback: object, *args: object) -> None:
         assert self._loop is not None

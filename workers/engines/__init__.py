@@ -2,7 +2,7 @@
 
 Adding an engine = one builder function here plus its module. A future in-process vLLM engine would plug in
 as `"vllm": _build_vllm`, importing `vllm` inside the builder and adapting `LLMEngine.step()` outputs to
-`TokenEvent`s (its own scheduler would then take the role of `admit`). External servers (vLLM, SGLang) are not
+`TokenEvent`s (the seam is already step-shaped: add, step, abort). External servers (vLLM, SGLang) are not
 engines: the launcher runs them as workers behind the same HTTP contract.
 """
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from workers.engines.base import EngineInfo, EngineRequest, PromptTooLongError, TokenEvent
@@ -30,6 +30,7 @@ WORDS = (
     "river", "mountain", "forest", "desert", "ocean", "cloud", "stone", "silver", "copper",
 )
 DEFAULT_MAX_MODEL_LEN = 4096
+FAKE_EOS_ID = len(WORDS)  # token ids: a word's index in WORDS, or this for EOS
 
 
 def _digest(text: str) -> int:
@@ -61,13 +62,15 @@ class _Sequence:
         self.generated += 1
         rid = self.request.request_id
         if self.eos_at is not None and self.generated >= self.eos_at:
-            return TokenEvent(rid, self.matcher.flush(), 1, "stop")  # EOS is a token but adds no text
-        text = self.matcher.feed(" " + self.rng.choice(WORDS))
+            # EOS is a token but adds no text
+            return TokenEvent(rid, self.matcher.flush(), 1, "stop", (FAKE_EOS_ID,))
+        word = self.rng.randrange(len(WORDS))
+        text = self.matcher.feed(" " + WORDS[word])
         if self.matcher.stopped:
-            return TokenEvent(rid, text, 1, "stop")
+            return TokenEvent(rid, text, 1, "stop", (word,))
         if self.generated >= self.request.params.max_new_tokens:
-            return TokenEvent(rid, text + self.matcher.flush(), 1, "length")
-        return TokenEvent(rid, text, 1)
+            return TokenEvent(rid, text + self.matcher.flush(), 1, "length", (word,))
+        return TokenEvent(rid, text, 1, None, (word,))
 
 
 @dataclass
@@ -76,12 +79,14 @@ class FakeEngine:
 
     served_model_name: str = "fake-model"
     max_model_len: int = DEFAULT_MAX_MODEL_LEN
-    max_num_seqs: int = 8  # how many sequences it lets `admit` top the running batch up to
+    max_num_seqs: int = 8  # how many sequences may join while others run (a fresh batch is not limited)
     load_latency: float = 0.0
     prefill_latency: float = 0.0
     step_latency: float = 0.0
     per_seq_latency: float = 0.0
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+    _running: list[_Sequence] = field(default_factory=list, init=False, repr=False)
+    _prefill_due: bool = field(default=False, init=False, repr=False)  # sequences joined since the last step
 
     @property
     def info(self) -> EngineInfo:
@@ -105,27 +110,30 @@ class FakeEngine:
                 f"were requested"
             )
 
-    def generate(
-        self,
-        batch: list[EngineRequest],
-        is_cancelled: Callable[[str], bool],
-        admit: Callable[[int], list[EngineRequest]],
-    ) -> Iterator[list[TokenEvent]]:
-        running = [self._start(r) for r in batch]
-        self._wait(self.prefill_latency)
-        while running:
-            running = [s for s in running if not is_cancelled(s.request.request_id)]
-            if not running:
-                return
-            self._wait(self.step_latency + self.per_seq_latency * len(running))
-            events = [s.step() for s in running]
-            running = [s for s, e in zip(running, events, strict=True) if not e.finished]
-            yield events
-            if len(running) < self.max_num_seqs:
-                joined = admit(self.max_num_seqs - len(running))
-                if joined:
-                    self._wait(self.prefill_latency)
-                    running.extend(self._start(r) for r in joined)
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def free_slots(self) -> int:
+        return max(0, self.max_num_seqs - len(self._running))
+
+    def add(self, requests: list[EngineRequest]) -> None:
+        self._running.extend(self._start(r) for r in requests)
+        self._prefill_due = self._prefill_due or bool(requests)
+
+    def step(self) -> list[TokenEvent]:
+        """One token for every running sequence; the first step after an `add` also pays the prefill."""
+        if self._prefill_due:
+            self._prefill_due = False
+            self._wait(self.prefill_latency)
+        self._wait(self.step_latency + self.per_seq_latency * len(self._running))
+        events = [s.step() for s in self._running]
+        self._running = [s for s, e in zip(self._running, events, strict=True) if not e.finished]
+        return events
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        gone = set(request_ids)
+        self._running = [s for s in self._running if s.request.request_id not in gone]
 
     def _start(self, request: EngineRequest) -> _Sequence:
         params = request.params

@@ -1,7 +1,7 @@
 """The transformers engine: left-padded batches decoded step by step with a KV cache, continuously batched.
 
-Between decode steps, requests the batcher admits are prefilled as their own left-padded batch and merged into
-the running one; finished or cancelled rows leave it at once. Each row keeps its own sampling parameters, stop
+Requests the batcher adds are prefilled as their own left-padded batch at the next step and merged into the
+running one; finished or aborted rows leave it at once. Each row keeps its own sampling parameters, stop
 rules and detokeniser, so a row's tokens do not depend on which other rows share its batch (fp32: exactly).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,8 @@ class HFEngine:
         self._start_id = 0  # fed in place of an empty prompt
         self._vocab_size = 0  # rows of the output layer (may exceed the tokenizer's vocabulary)
         self._mergeable = True  # False for sliding-window caches: no joins, no trimming of padding
+        self._joining: list[EngineRequest] = []  # added since the last step; prefilled by the next one
+        self._batch: DecodeBatch | None = None  # the rows being decoded
 
     @property
     def info(self) -> EngineInfo:
@@ -137,36 +139,41 @@ class HFEngine:
             )
         request.prompt_token_ids = ids
 
-    def generate(
-        self,
-        batch: list[EngineRequest],
-        is_cancelled: Callable[[str], bool],
-        admit: Callable[[int], list[EngineRequest]],
-    ) -> Iterator[list[TokenEvent]]:
-        running: DecodeBatch | None = None
-        waiting = list(batch)
-        while True:
-            waiting = [r for r in waiting if not is_cancelled(r.request_id)]
-            if waiting:
-                joined, events = self._prefill(waiting)
-                if events:
-                    yield events
-                if joined is not None:
-                    if running is None or not len(running):
-                        running = joined
-                    else:
-                        running.merge(joined)
-            if running is not None:
-                live = [i for i, s in enumerate(running.seqs) if not is_cancelled(s.request_id)]
-                running.keep(live, trim=self._mergeable)
-                if len(running):
-                    yield self._decode_step(running)
-            busy = running is not None and len(running) > 0
-            room = self.max_num_seqs - (len(running) if running is not None else 0)
-            # a sliding-window cache cannot take new rows: they wait until the running ones are done
-            waiting = admit(room) if room > 0 and (self._mergeable or not busy) else []
-            if not waiting and not busy:
-                return
+    @property
+    def num_running(self) -> int:
+        return len(self._joining) + (len(self._batch) if self._batch is not None else 0)
+
+    def free_slots(self) -> int:
+        if not self._mergeable and self.num_running:
+            return 0  # a sliding-window cache cannot take new rows: they wait until the running ones are done
+        return max(0, self.max_num_seqs - self.num_running)
+
+    def add(self, requests: list[EngineRequest]) -> None:
+        self._joining.extend(requests)
+
+    def step(self) -> list[TokenEvent]:
+        """One token for every request: joiners get theirs from their prefill, running rows from a decode
+        step; then the joiners merge into the running batch (left-padded to a common length)."""
+        events: list[TokenEvent] = []
+        joined: DecodeBatch | None = None
+        if self._joining:
+            joining, self._joining = self._joining, []
+            joined, events = self._prefill(joining)
+        if self._batch is not None and len(self._batch):
+            events += self._decode_step(self._batch)
+        if joined is not None:
+            if self._batch is None or not len(self._batch):
+                self._batch = joined
+            else:
+                self._batch.merge(joined)
+        return events
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        gone = set(request_ids)
+        self._joining = [r for r in self._joining if r.request_id not in gone]
+        if self._batch is not None:
+            self._batch.keep([i for i, s in enumerate(self._batch.seqs) if s.request_id not in gone],
+                             trim=self._mergeable)
 
     @torch.inference_mode()
     def _prefill(self, requests: list[EngineRequest]) -> tuple[DecodeBatch | None, list[TokenEvent]]:
@@ -201,8 +208,8 @@ class HFEngine:
 
     def _warm_up(self) -> None:
         """One tiny prefill and decode step, so the first request does not pay for lazy initialisation."""
-        from workers.engines.base import SamplingParams
+        from workers.engines.base import SamplingParams, run_to_completion
 
         request = EngineRequest("warm-up", "", SamplingParams(max_new_tokens=2, ignore_eos=True))
-        for _ in self.generate([request], lambda _: False, lambda _: []):
+        for _ in run_to_completion(self, [request]):
             pass

@@ -98,4 +98,4 @@ class SequenceState:
                 self.finish_reason = "stop"  # the held-back tail completed a stop string
             else:
                 text += self.matcher.flush()
-        return TokenEvent(self.request_id, text, 1, self.finish_reason)
+        return TokenEvent(self.request_id, text, 1, self.finish_reason, (token_id,))
