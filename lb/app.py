@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from lb import api_status
+from lb import api_models, api_status
 from lb.admin import Admin
 from lb.admission import Admission
 from lb.backends import BackendPool
 from lb.config import BalancerConfig
+from lb.datastore import connect
 from lb.health import HealthChecker
 from lb.jobs import api_batches, api_files
 from lb.jobs.batches import BatchService
@@ -22,6 +23,8 @@ from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
 from lb.policies import POLICIES
 from lb.proxy import Proxy
+from lb.registry import Registry
+from lb.rollout import Switcher
 from lb.state import STATE, BalancerState
 from lb.upstream import UpstreamClient
 
@@ -65,6 +68,7 @@ def create_app(config: BalancerConfig) -> web.Application:
     api_status.add_routes(app)
     api_files.add_routes(app)
     api_batches.add_routes(app)
+    api_models.add_routes(app)
     api_status.add_catch_all(app)  # last: it matches every path
     return app
 
@@ -85,6 +89,10 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
         healthy_threshold=config.healthy_threshold,
     )
     state.admin = Admin(state.pool, state.health, config.admin_token, config.drain_timeout)
+    # 2b. the checkpoint registry (in --data-dir) and its rolling switch over the workers' /admin/load
+    state.switcher = Switcher(state.pool, state.router, state.admin, Registry(connect(config.data_dir)),
+                              state.session, config.admin_token, config.model_load_timeout)
+    state.router.set_redirects(state.switcher.registry.redirects())
     # 3. the proxy's upstream client: no total timeout, a stream that keeps producing may run for hours;
     #    silence is what times out
     client = UpstreamClient(connect_timeout=config.connect_timeout, read_timeout=config.request_timeout)
@@ -101,6 +109,8 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
     await state.batches.start()
     yield
     await state.batches.stop()  # lines in flight are sent again after a restart
+    if state.switcher.task is not None:  # a switch cut short leaves each worker serving a whole model
+        state.switcher.task.cancel()
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

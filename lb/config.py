@@ -86,6 +86,9 @@ class BalancerConfig:
         metavar="N",
     )
     drain_timeout: float = setting(30.0, "seconds in-flight requests may take to finish on SIGTERM/SIGINT")
+    model_load_timeout: float = setting(
+        900.0, "seconds one worker may take to load a checkpoint during POST /models/set_active"
+    )
     log_level: str = setting("info", "logging level", choices=LOG_LEVELS)
 
     def __post_init__(self) -> None:

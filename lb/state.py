@@ -17,6 +17,7 @@ from lb.jobs.batches import BatchService
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
 from lb.proxy import Proxy
+from lb.rollout import Switcher
 
 
 @dataclass
@@ -40,6 +41,7 @@ class BalancerState:
     admin: Admin = field(init=False)
     proxy: Proxy = field(init=False)
     batches: BatchService = field(init=False)  # files, batches and the internal API for jobs (lb/jobs/)
+    switcher: Switcher = field(init=False)  # checkpoint registry and rolling model switch (lb/rollout.py)
 
 
 STATE = web.AppKey("balancer_state", BalancerState)

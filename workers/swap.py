@@ -88,19 +88,21 @@ async def run(state: WorkerState, config: WorkerConfig, engine: Engine, record: 
     try:
         await _start(state, config, engine)
     except Exception as exc:  # the load's outer edge: report it and bring the old model back
-        record.state, record.error = "failed", f"{type(exc).__name__}: {exc}"
-        log.error("swap %d: %s did not load (%s); loading %s again", record.id, config.model_name,
-                  record.error, old_config.model_name)
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("swap %d: %s did not load (%s); loading %s again", record.id, config.model_name, error,
+                  old_config.model_name)
         try:
             await _start(state, old_config, create_engine(old_config))
         except Exception as again:  # nothing loaded: the worker reports itself failed
             state.status, state.error = "failed", f"reloading the old model failed too: {again}"
+            record.state, record.error = "failed", f"{error}; reloading the old model failed too: {again}"
+            record.seconds = elapsed_since(started)
             log.exception("swap %d: reloading %s failed", record.id, old_config.model_name)
             return
+        record.state, record.error = "failed", error  # only now: the old model serves again
     else:
         record.state = "loaded"
-    finally:
-        record.seconds = elapsed_since(started)
+    record.seconds = elapsed_since(started)
     state.status = "ok"
     log.info("swap %d %s in %.1fs: serving %s", record.id, record.state, record.seconds,
              state.config.model_name)
