@@ -8,6 +8,7 @@ import sys
 
 from aiohttp import web
 
+from lb import redaction
 from lb.app import create_app
 from lb.config import BalancerConfig, load
 from lb.front import Front
@@ -40,6 +41,11 @@ async def serve(config: BalancerConfig) -> None:
         config.policy,
         len(config.worker_urls()),
     )
+    if config.admin_secret() is None:
+        log.warning(
+            "no --admin-token(-file): the admin API (POST/DELETE /workers) answers any loopback client, so "
+            "on a shared machine every local user may add or remove workers"
+        )
     await wait_for_signal()
     await drain(state, front, runner, config.drain_timeout)
     log.info("stopped")
@@ -54,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    redaction.install([*config.api_keys(), config.admin_secret() or ""])  # before anything is logged
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows

@@ -37,7 +37,7 @@ def is_bulk(raw_headers: Sequence[tuple[bytes, bytes]]) -> bool:
 
 
 class _Waiter:
-    __slots__ = ("bulk", "candidates", "exclude", "future")
+    __slots__ = ("bulk", "candidates", "exclude", "future", "patient")
 
     def __init__(
         self,
@@ -45,11 +45,13 @@ class _Waiter:
         exclude: frozenset[int],
         future: asyncio.Future[Backend],
         bulk: bool,
+        patient: bool = False,
     ) -> None:
         self.candidates = candidates
         self.exclude = exclude
         self.future = future
         self.bulk = bulk
+        self.patient = patient  # the balancer's own batch line: not failed at shutdown (it resumes later)
 
 
 class Admission:
@@ -130,7 +132,7 @@ class Admission:
         self, candidates: Candidates, exclude: frozenset[int], bulk: bool, timeout: float | None
     ) -> Backend:
         future: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(candidates, exclude, future, bulk)
+        waiter = _Waiter(candidates, exclude, future, bulk, patient=timeout is None)
         queue = self._bulk_queue if bulk else self._queue
         queue.append(waiter)
         started = time.perf_counter()
@@ -189,10 +191,16 @@ class Admission:
                 queue.remove(waiter)
                 waiter.future.set_result(backend)
 
-    def fail_all(self, exc: Exception) -> None:
-        """Shutdown: every waiter, interactive and bulk, gets `exc`."""
+    def fail_all(self, exc: Exception) -> int:
+        """Shutdown: every client's waiter, interactive and bulk, gets `exc` (a 503 at once rather than a
+        cut connection at the drain deadline). Patient waiters (batch lines) stay: a line failed now would
+        be recorded as failed, while one cancelled with the dispatcher is resumed on restart. Returns how
+        many were failed."""
+        failed = 0
         for queue in (self._queue, self._bulk_queue):
-            while queue:
-                waiter = queue.popleft()
+            for waiter in [w for w in queue if not w.patient]:
+                queue.remove(waiter)
                 if not waiter.future.done():
                     waiter.future.set_exception(exc)
+                    failed += 1
+        return failed

@@ -41,7 +41,7 @@ async def list_checkpoints(request: web.Request) -> web.Response:
 
 async def register(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    check_admin(request, state.config.admin_token)
+    check_admin(request, state.config.admin_secret())
     checkpoint = parse_checkpoint(await _json(request))
     check_loadable(checkpoint)
     state.switcher.registry.add(checkpoint)
@@ -50,7 +50,7 @@ async def register(request: web.Request) -> web.Response:
 
 async def set_active(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    check_admin(request, state.config.admin_token)
+    check_admin(request, state.config.admin_secret())
     payload = await _json(request)
     if not isinstance(payload, dict) or not isinstance(payload.get("id"), str):
         raise BadRequest('The body must be JSON like {"id": "step-1000", "workers": [0, 1]}.', param="id")

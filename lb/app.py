@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from lb import api_models, api_status
+from lb import api_models, api_solve, api_status
 from lb.admin import Admin
 from lb.admission import Admission
 from lb.backends import BackendPool
 from lb.config import BalancerConfig
 from lb.datastore import connect
 from lb.health import HealthChecker
-from lb.jobs import api_batches, api_files
+from lb.jobs import api_batches, api_files, api_jobs
 from lb.jobs.batches import BatchService
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
@@ -68,6 +68,8 @@ def create_app(config: BalancerConfig) -> web.Application:
     api_status.add_routes(app)
     api_files.add_routes(app)
     api_batches.add_routes(app)
+    api_jobs.add_routes(app)  # also starts the job runner, after the start-up steps above
+    api_solve.add_routes(app)
     api_models.add_routes(app)
     api_status.add_catch_all(app)  # last: it matches every path
     return app
@@ -88,10 +90,10 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
         unhealthy_threshold=config.unhealthy_threshold,
         healthy_threshold=config.healthy_threshold,
     )
-    state.admin = Admin(state.pool, state.health, config.admin_token, config.drain_timeout)
+    state.admin = Admin(state.pool, state.health, config.admin_secret(), config.drain_timeout)
     # 2b. the checkpoint registry (in --data-dir) and its rolling switch over the workers' /admin/load
     state.switcher = Switcher(state.pool, state.router, state.admin, Registry(connect(config.data_dir)),
-                              state.session, config.admin_token, config.model_load_timeout)
+                              state.session, config.admin_secret(), config.model_load_timeout)
     state.router.set_redirects(state.switcher.registry.redirects())
     # 3. the proxy's upstream client: no total timeout, a stream that keeps producing may run for hours;
     #    silence is what times out

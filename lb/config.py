@@ -57,6 +57,12 @@ class BalancerConfig:
         "bearer token for POST/DELETE /workers; without it the admin API answers loopback clients only",
         metavar="TOKEN",
     )
+    admin_token_file: str | None = setting(
+        None,
+        "file whose first line is the admin token (keeps it off the command line); the launcher and the "
+        "SLURM job always pass one",
+        metavar="FILE",
+    )
     fast_front: bool = setting(
         True,
         "serve the hot endpoints (chat/completions, completions, embeddings, generate) with the lean "
@@ -84,6 +90,12 @@ class BalancerConfig:
         "most batch lines in flight on one worker at a time; interactive requests go first and take the rest "
         "(set it to the workers' --batch-size to keep their batches full)",
         metavar="N",
+    )
+    datasets_dir: str | None = setting(
+        None,
+        "directory of the JSONL datasets that eval and data-generation jobs name by `dataset_ref` "
+        "(default: DATA_DIR/datasets)",
+        metavar="DIR",
     )
     drain_timeout: float = setting(30.0, "seconds in-flight requests may take to finish on SIGTERM/SIGINT")
     model_load_timeout: float = setting(
@@ -126,6 +138,7 @@ class BalancerConfig:
             _check_url("workers", url)
         self.worker_urls()  # unreadable --workers-file / --api-key-file: fail at load, naming the key
         self.api_keys()
+        self.admin_secret()
 
     def worker_urls(self) -> list[str]:
         """--workers followed by the lines of --workers-file, normalised, without duplicates."""
@@ -144,6 +157,18 @@ class BalancerConfig:
         if self.api_key_file:
             keys += _read_lines("api_key_file", self.api_key_file)
         return tuple(keys)
+
+    def admin_secret(self) -> str | None:
+        """The admin token: --admin-token, else the first line of --admin-token-file; None means the admin
+        API answers loopback clients only."""
+        if self.admin_token is not None:
+            return self.admin_token
+        if self.admin_token_file:
+            lines = _read_lines("admin_token_file", self.admin_token_file)
+            if not lines:
+                raise ConfigError(f"admin_token_file: {self.admin_token_file} holds no token")
+            return lines[0]
+        return None
 
 
 def _check_url(key: str, url: str) -> str:

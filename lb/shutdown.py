@@ -53,8 +53,9 @@ async def drain(
     # 1. turn work away: /health says 503, new and queued requests get 503, the port stays open for probes
     state.draining = True
     state.proxy.draining = True
-    refused = state.admission.depth
-    state.admission.fail_all(ShuttingDown("The balancer is shutting down; this queued request was not sent."))
+    refused = state.admission.fail_all(
+        ShuttingDown("The balancer is shutting down; this queued request was not sent.")
+    )
     log.info(
         "shutting down: /health answers 503, %d queued request(s) refused, draining %d in-flight request(s) "
         "for up to %gs (a second signal exits at once)",

@@ -14,6 +14,7 @@ from lb.backends import BackendPool
 from lb.config import BalancerConfig
 from lb.health import HealthChecker
 from lb.jobs.batches import BatchService
+from lb.jobs.job_runner import JobRunner
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
 from lb.proxy import Proxy
@@ -41,6 +42,7 @@ class BalancerState:
     admin: Admin = field(init=False)
     proxy: Proxy = field(init=False)
     batches: BatchService = field(init=False)  # files, batches and the internal API for jobs (lb/jobs/)
+    jobs: JobRunner = field(init=False)  # eval and data-generation jobs (lb/jobs/api_jobs.py)
     switcher: Switcher = field(init=False)  # checkpoint registry and rolling model switch (lb/rollout.py)
 
 

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from lb.settings import from_mapping
-from scripts import run_dir
+from scripts import credentials, run_dir
 from scripts.cluster_config import ClusterConfig
 from scripts.commands import (
     WorkerSpec,
@@ -80,6 +80,7 @@ class LocalCluster:
         self.lb_port: int | None = None
         self.port_substitutions: list[str] = []
         self.supervisor: Supervisor | None = None
+        self.credentials: credentials.Credentials | None = None  # the balancer's token and key files
         self.run_file = run_dir.cluster_file(config.run_dir)
         self.started_at: float | None = None
         self._stopped = False
@@ -161,8 +162,10 @@ class LocalCluster:
                 self.report(f"worker {spec.index} registered with {cfg.register_with} as {spec.url}")
         if not cfg.workers_only:
             assert self.lb_port is not None
+            self.credentials = credentials.prepare(cfg, self.run_file.parent)
+            flags = self.credentials.balancer_flags()
             self.balancer = ChildProcess(
-                "balancer", balancer_command(cfg, self.lb_port, self.worker_urls), balancer_env(cfg),
+                "balancer", balancer_command(cfg, self.lb_port, self.worker_urls, flags), balancer_env(cfg),
                 log_dir / "balancer.log", f"http://{probe_host(cfg.host)}:{self.lb_port}/health")
             self.balancer.start()
             self._write_run_file()
@@ -214,6 +217,8 @@ class LocalCluster:
         for path in (self.run_file, self.run_file.with_name(self.run_file.name + run_dir.STOPPING_SUFFIX)):
             if self._owns(path):
                 path.unlink(missing_ok=True)
+        if self.credentials is not None:
+            self.credentials.remove()
         if started:
             self.report(report.describe())
         return report

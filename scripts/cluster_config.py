@@ -99,7 +99,10 @@ class ClusterConfig:
     policy: str | None = s(None, "balancer routing policy (default: the balancer's own)", choices=POLICIES)
     api_key: str | None = s(None, "key clients must send to the balancer (Authorization: Bearer KEY)",
                             metavar="KEY")
-    admin_token: str | None = s(None, "token for the balancer's admin API (also sent with --register-with)",
+    api_key_file: str | None = s(None, "file whose first line is the client key (keeps it off the command "
+                                       "line; IB_CLUSTER_API_KEY works too)", metavar="FILE")
+    admin_token: str | None = s(None, "token for the balancer's admin API (also sent with --register-with); "
+                                      "default: a fresh random token in RUN_DIR/admin-token",
                                 metavar="TOKEN")
     lb_args: str = s("", "extra balancer flags, shell-quoted, e.g. --lb-args='--max-retries 3'",
                      metavar="ARGS")
@@ -155,6 +158,8 @@ class ClusterConfig:
                 raise ConfigError(f"skip_ports: not a TCP port: {port}")
         if self.model_path is None and self.engine != "fake" and self.worker_cmd is None:
             raise ConfigError("model_path: required (e.g. --model-path DIR)")
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ConfigError("api_key_file: give either api_key or api_key_file, not both")
         if not self.health_path.startswith("/"):
             raise ConfigError(f"health_path: must start with '/', got {self.health_path!r}")
         for name in ("engine_args", "lb_args", "profile_args", "worker_cmd"):

@@ -9,7 +9,7 @@ import os
 import shlex
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from lb.settings import ConfigError
@@ -146,24 +146,26 @@ def worker_env(cfg: ClusterConfig, spec: WorkerSpec, base: Mapping[str, str] | N
     return env
 
 
-def balancer_command(cfg: ClusterConfig, port: int, worker_urls: list[str]) -> list[str]:
-    """`python -m lb` in front of `worker_urls`; it drains within most of the launcher's stop timeout."""
+def balancer_command(cfg: ClusterConfig, port: int, worker_urls: list[str],
+                     secret_flags: Sequence[str] = ()) -> list[str]:
+    """`python -m lb` in front of `worker_urls`; it drains within most of the launcher's stop timeout.
+    `secret_flags` name the files holding the admin token and API key (scripts/credentials.py): `ps` shows
+    every command line to every user, so a secret itself never goes on one."""
     argv = [sys.executable, "-m", "lb", "--host", cfg.host, "--port", str(port),
             "--workers", ",".join(worker_urls),
             "--health-check-interval", str(cfg.health_check_interval),
-            "--drain-timeout", str(round(cfg.stop_timeout * 0.8, 3))]
+            "--drain-timeout", str(round(cfg.stop_timeout * 0.8, 3)), *secret_flags]
     if cfg.policy is not None:
         argv += ["--policy", cfg.policy]
     return argv + shlex.split(cfg.lb_args)
 
 
 def balancer_env(cfg: ClusterConfig, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The balancer's environment: secrets travel here, not on its command line, which `ps` shows."""
+    """The launcher's environment without balancer secrets of its own: the run directory's files are the
+    balancer's only source of its key and token (an inherited IB_LB_ADMIN_TOKEN would override them)."""
     env = dict(os.environ if base is None else base)
-    if cfg.api_key is not None:
-        env["IB_LB_API_KEY"] = cfg.api_key
-    if cfg.admin_token is not None:
-        env["IB_LB_ADMIN_TOKEN"] = cfg.admin_token
+    for name in ("IB_LB_API_KEY", "IB_LB_API_KEY_FILE", "IB_LB_ADMIN_TOKEN", "IB_LB_ADMIN_TOKEN_FILE"):
+        env.pop(name, None)
     return env
 
 

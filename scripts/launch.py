@@ -58,13 +58,19 @@ def ready_banner(cluster: LocalCluster) -> str:
     if cfg.workers_only:
         lines.append(f"workers ready (no balancer): {', '.join(cluster.worker_urls)}")
     else:
-        model = cfg.served_model_name or served_model(cluster.url, cfg.api_key) or cfg.model_path or "MODEL"
-        key = cfg.api_key or "none"
+        creds = cluster.credentials
+        key_file = creds.api_key_file if creds is not None else None
+        key = creds.api_key if creds is not None else None
+        model = cfg.served_model_name or served_model(cluster.url, key) or cfg.model_path or "MODEL"
+        # the banner names the files, never the secrets: it lands in terminals, logs and CI output
+        api_key = f'open("{key_file}").read().strip()' if key_file is not None else '"none"'
         lines += [
             f"READY: balancer at {cluster.url} in front of {len(cluster.workers)} workers",
+            *([f"API key: cat {key_file}"] if key_file is not None else []),
+            *([f"admin token (POST/DELETE /workers): cat {creds.admin_token_file}"] if creds else []),
             "OpenAI SDK example:",
             f'  from openai import OpenAI; client = OpenAI(base_url="{cluster.openai_base_url}", '
-            f'api_key="{key}")',
+            f"api_key={api_key})",
             f'  print(client.chat.completions.create(model="{model}", messages=[{{"role": "user", '
             f'"content": "Hello"}}]).choices[0].message.content)',
         ]

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts import run_dir
+from scripts import credentials, run_dir
 from scripts.cluster_config import DEFAULT_RUN_DIR
 from scripts.process_group import ProcessKey, alive, snapshot, stop_groups
 
@@ -66,6 +66,7 @@ def stop_recorded(path: Path, timeout: float, launcher_timeout: float) -> int:
         left = alive(everything)
         if not left:
             path.unlink(missing_ok=True)  # normally already removed by the launcher
+            credentials.remove_files(path.parent)
             print(f"stopped: verified by pid, none of the {len(everything)} cluster processes is left")
             return 0
         print(f"the launcher exited but {len(left)} processes remain; stopping them", flush=True)
@@ -86,6 +87,7 @@ def stop_recorded(path: Path, timeout: float, launcher_timeout: float) -> int:
         print(f"WARNING: still alive after SIGKILL: {[p.pid for p in left]}", file=sys.stderr)
         return 1
     stopping.unlink(missing_ok=True)
+    credentials.remove_files(path.parent)
     print(f"stopped: verified by pid, none of the {len(everything | lb_keys | worker_keys)} cluster "
           "processes is left")
     return 0

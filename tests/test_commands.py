@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lb.settings import ConfigError, from_mapping
+from scripts import credentials
 from scripts.cluster_config import ClusterConfig
 from scripts.commands import WorkerSpec, balancer_command, balancer_env, worker_command, worker_env
 from scripts.gpus import CPU, parse_gpu_ids, visible_gpus, worker_gpus
@@ -117,12 +118,24 @@ def test_balancer_command() -> None:
     assert argv[-2:] == ["--max-retries", "3"]
 
 
-def test_balancer_secrets_travel_in_its_environment_not_its_command_line() -> None:
+def test_balancer_secrets_travel_in_0600_files_not_its_command_line(tmp_path: Path) -> None:
     cfg = from_mapping(ClusterConfig, {"model_path": "/m", "api_key": "sk-secret", "admin_token": "adm"})
-    argv = balancer_command(cfg, 8000, [])
+    creds = credentials.prepare(cfg, tmp_path)
+    argv = balancer_command(cfg, 8000, [], creds.balancer_flags())
     assert not any("sk-secret" in word or word == "adm" for word in argv)
-    env = balancer_env(cfg, {})
-    assert env == {"IB_LB_API_KEY": "sk-secret", "IB_LB_ADMIN_TOKEN": "adm"}
+    assert argv[argv.index("--admin-token-file") + 1] == str(tmp_path / "admin-token")
+    assert (tmp_path / "api-key").read_text() == "sk-secret\n" and creds.admin_token == "adm"
+    for name in ("admin-token", "api-key"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
+    # an IB_LB_* secret inherited from the launcher's environment would override the files: it is dropped
+    assert balancer_env(cfg, {"IB_LB_ADMIN_TOKEN": "old", "PATH": "/bin"}) == {"PATH": "/bin"}
+
+
+def test_every_launch_gets_an_admin_token_even_without_one_configured(tmp_path: Path) -> None:
+    cfg = from_mapping(ClusterConfig, {"model_path": "/m"})
+    first, second = credentials.prepare(cfg, tmp_path / "a"), credentials.prepare(cfg, tmp_path / "b")
+    assert len(first.admin_token) >= 32 and first.admin_token != second.admin_token
+    assert first.api_key_file is None and "--api-key-file" not in first.balancer_flags()
 
 
 @pytest.mark.parametrize(("flags", "visible", "expected"), [

@@ -147,3 +147,24 @@ async def test_second_signal_exits_at_once(spawn: SpawnFn, slow_worker: Proc, tm
         lb.proc.signal(signal.SIGINT)
         assert await wait_exit(lb, 3) == 1
     assert "second signal (SIGINT) while draining: exiting now" in lb.proc.log_path.read_text()
+
+
+async def test_shutdown_fails_client_waiters_but_keeps_batch_lines_queued() -> None:
+    from lb.admission import Admission
+    from lb.backends import BackendPool
+    from lb.errors import ShuttingDown
+    from lb.policies import RoundRobin
+
+    pool = BackendPool()
+    backend = pool.add("http://127.0.0.1:1")
+    pool.set_health(backend, True)
+    admission = Admission(pool, RoundRobin(), max_inflight_per_worker=1, max_queue=4, queue_timeout=30)
+    async with pool.track(backend):
+        client = asyncio.create_task(admission.choose(lambda: pool.routable))
+        line = asyncio.create_task(admission.choose(lambda: pool.routable, bulk=True, patient=True))
+        await asyncio.sleep(0)
+        assert admission.fail_all(ShuttingDown("bye")) == 1
+        with pytest.raises(ShuttingDown):
+            await client
+        assert not line.done()  # a batch line failed now would be recorded as failed, not resumed later
+    assert await asyncio.wait_for(line, 1) is backend
