@@ -140,7 +140,9 @@ async def test_rolling_switch_under_load_fails_no_request_and_ends_on_the_new_mo
     assert listed["ckpt-a"]["workers"] == []
 
 
-def test_a_checkpoint_that_fails_to_load_leaves_the_old_model_serving(cluster: Cluster, tmp_path: Path) -> None:
+def test_a_checkpoint_that_fails_to_load_leaves_the_old_model_serving(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()
     shutil.copy(cluster.checkpoint_b / "config.json", broken / "config.json")
@@ -154,8 +156,8 @@ def test_a_checkpoint_that_fails_to_load_leaves_the_old_model_serving(cluster: C
     switch = get_json(cluster.lb + "/models/active")["switch"]
     assert [s["state"] for s in switch["steps"]] == ["failed", "skipped"]
     assert [health_model(w) for w in cluster.workers] == ["ckpt-b", "ckpt-b"]
-    req = urllib.request.Request(cluster.lb + "/v1/completions", method="POST",
-                                 data=json.dumps({"model": "ckpt-b", "prompt": PROMPT, "max_tokens": 4}).encode(),
+    body = json.dumps({"model": "ckpt-b", "prompt": PROMPT, "max_tokens": 4}).encode()
+    req = urllib.request.Request(cluster.lb + "/v1/completions", method="POST", data=body,
                                  headers={"Content-Type": "application/json"})
     deadline = time.monotonic() + 10  # the worker is routable again once its health checks pass
     while True:

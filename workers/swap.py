@@ -139,6 +139,10 @@ def new_config(current: WorkerConfig, body: Any) -> WorkerConfig:
     defaults: dict[str, Any] = {f.name: f.default for f in fields if f.name in LOAD_KEYS}
     try:
         values = coerce_mapping(WorkerConfig, body, "the request body")
+        for f in fields:
+            choices = f.metadata.get("choices")
+            if f.name in values and choices and values[f.name] not in choices:
+                raise SwapRefused(f"{f.name}: must be one of {', '.join(choices)}, got {values[f.name]!r}")
         return dataclasses.replace(current, **(defaults | values))
     except (ConfigError, TypeError) as exc:
         raise SwapRefused(str(exc)) from None
