@@ -9,6 +9,7 @@ import sys
 from aiohttp import web
 
 from lb import redaction
+from lb.aiohttp_server import AiohttpConnections
 from lb.app import create_app
 from lb.config import BalancerConfig, load
 from lb.front import Front
@@ -25,14 +26,11 @@ async def serve(config: BalancerConfig) -> None:
     # shutdown_timeout: what aiohttp waits for its handlers once the drain itself is over (lb/shutdown.py)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=CLOSE_GRACE_S)
     await runner.setup()  # runs cleanup_ctx startup: session, first probe of every worker, health checker
-    front: Front | None = None
-    if config.fast_front:
-        # the lean front takes the hot endpoints; it hands any other connection to aiohttp's protocol
-        assert runner.server is not None  # set by setup()
-        front = Front(app[STATE].proxy, runner.server, config.max_body_size)
-        await front.start(config.host, config.port)
-    else:
-        await web.TCPSite(runner, config.host, config.port, backlog=2048).start()
+    # the front owns the socket: it bounds every connection and serves the hot endpoints itself (unless
+    # --no-fast-front); it hands any other connection to aiohttp's protocol
+    assert runner.server is not None  # set by setup()
+    front = Front(app[STATE].proxy, AiohttpConnections(runner.server), config)
+    await front.start(config.host, config.port)
     state = app[STATE]
     log.info(
         "listening on http://%s:%d, policy %s, %d worker(s)",

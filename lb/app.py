@@ -13,6 +13,7 @@ from aiohttp import web
 from lb import api_models, api_solve, api_status
 from lb.admin import Admin
 from lb.admission import Admission
+from lb.aiohttp_server import json_http_errors
 from lb.backends import BackendPool
 from lb.config import BalancerConfig
 from lb.datastore import connect
@@ -49,7 +50,16 @@ def _session() -> aiohttp.ClientSession:
 
 
 def create_app(config: BalancerConfig) -> web.Application:
-    app = web.Application(client_max_size=config.max_body_size, handler_args={"max_field_size": 65536})
+    app = web.Application(
+        middlewares=[json_http_errors],
+        client_max_size=config.max_body_size,
+        handler_args={  # for connections the front hands to aiohttp: the same bounds as the front's
+            "max_field_size": config.max_header_line,
+            "max_line_size": config.max_header_line,
+            "keepalive_timeout": config.keepalive_timeout,
+            "lingering_time": 2.0,  # seconds an unread body is drained after a refusal, as the front does
+        },
+    )
     pool = BackendPool()
     for url in config.worker_urls():
         pool.add(url)

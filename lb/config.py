@@ -98,6 +98,34 @@ class BalancerConfig:
         metavar="DIR",
     )
     drain_timeout: float = setting(30.0, "seconds in-flight requests may take to finish on SIGTERM/SIGINT")
+    header_timeout: float = setting(
+        10.0, "seconds a client has to send a whole request head, from its first byte (408 after)"
+    )
+    body_timeout: float = setting(
+        60.0,
+        "seconds a client has to send a whole request body once its head arrived (408 after); the body is "
+        "received before the request takes a worker slot",
+    )
+    keepalive_timeout: float = setting(
+        75.0, "seconds an idle client connection is kept open between requests"
+    )
+    max_header_size: int = setting(
+        64 * 1024,
+        "largest request head (request line and all headers) in bytes (431 beyond)",
+        metavar="BYTES",
+    )
+    max_header_line: int = setting(
+        16 * 1024, "largest request line or single header line in bytes (431 beyond)", metavar="BYTES"
+    )
+    max_connections: int = setting(
+        4096, "open client connections; a new one above it is answered 503 and closed", metavar="N"
+    )
+    worker_api_key: str | None = setting(
+        None,
+        "key sent to workers as 'Authorization: Bearer KEY' in place of the client's credentials; clients' "
+        "Authorization / X-API-Key are never forwarded when --api-key is set",
+        metavar="KEY",
+    )
     model_load_timeout: float = setting(
         900.0, "seconds one worker may take to load a checkpoint during POST /models/set_active"
     )
@@ -116,6 +144,9 @@ class BalancerConfig:
             "connect_timeout",
             "request_timeout",
             "queue_timeout",
+            "header_timeout",
+            "body_timeout",
+            "keepalive_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0")
@@ -123,6 +154,9 @@ class BalancerConfig:
             "unhealthy_threshold",
             "healthy_threshold",
             "max_body_size",
+            "max_header_size",
+            "max_header_line",
+            "max_connections",
             "batch_max_lines",
             "batch_max_file_size",
             "batch_max_inflight_per_worker",

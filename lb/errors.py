@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
 from aiohttp import web
 
@@ -31,6 +32,28 @@ class BadRequest(BalancerError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_json"
+
+
+class InvalidHttpRequest(BadRequest):
+    """Bytes a strict HTTP/1.1 parser rejects; the connection is closed after the answer."""
+
+    code = "invalid_http_request"
+
+
+class RequestTimeout(BalancerError):
+    """A request head or body did not arrive within --header-timeout / --body-timeout."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class RequestHeaderTooLarge(BalancerError):
+    """A header line or the whole head is over its limit (refused before buffering more)."""
+
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_too_large"
 
 
 class Unauthorized(BalancerError):
@@ -78,6 +101,15 @@ class NoHealthyBackend(BalancerError):
     retry_after = 2
 
 
+class TooManyConnections(BalancerError):
+    """--max-connections client connections are open; a new one is answered this and closed."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "too_many_connections"
+    retry_after = 1
+
+
 class ShuttingDown(BalancerError):
     """The balancer is draining after SIGTERM/SIGINT: queued and new requests are turned away."""
 
@@ -114,6 +146,20 @@ def error_response(exc: BalancerError) -> web.Response:
         body=error_body(exc.message, exc.type, exc.code, exc.param),
         content_type="application/json",
         headers=headers,
+    )
+
+
+def error_bytes(exc: BalancerError, *, close: bool) -> bytes:
+    """A whole HTTP/1.1 response carrying the error, for code that writes to a socket itself."""
+    body = error_body(exc.message, exc.type, exc.code, exc.param)
+    retry = b"Retry-After: %d\r\n" % exc.retry_after if exc.retry_after is not None else b""
+    return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%b%b\r\n%b" % (
+        exc.status,
+        HTTPStatus(exc.status).phrase.encode(),
+        len(body),
+        retry,
+        b"Connection: close\r\n" if close else b"",
+        body,
     )
 
 

@@ -7,6 +7,7 @@ and answers through `respond` (a whole body), `start` + `write` + `end` (a strea
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -14,13 +15,15 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from lb.errors import BalancerError, error_body, error_response
+from lb.http11 import HOP_BY_HOP as RAW_HOP_BY_HOP
+from lb.http11 import origin_form, valid_header
 
 Reply = web.StreamResponse | None  # what an aiohttp handler returns; None when the front wrote it itself
 # hop-by-hop (RFC 9110 7.6.1) or recomputed on our side of the connection
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade", "trailer"}
-)
+HOP_BY_HOP = frozenset(name.decode() for name in RAW_HOP_BY_HOP)
 AIOHTTP_SETS = HOP_BY_HOP | {"date", "server"}  # aiohttp adds its own
+log = logging.getLogger("lb.exchange")
+CLOSE_AFTER = frozenset({400, 408, 413, 431})  # refusals after which nothing more is read from the client
 
 
 class Exchange(Protocol):
@@ -61,6 +64,10 @@ class Exchange(Protocol):
         """The client left mid-stream: nothing more will be sent."""
         ...
 
+    def abort(self) -> Reply:
+        """Cut the client's connection: a body already under way cannot be finished."""
+        ...
+
 
 class ClientSocket(Protocol):
     """The client connection a FrontExchange writes to (lb/front.py's FrontProtocol)."""
@@ -69,6 +76,8 @@ class ClientSocket(Protocol):
 
     async def drain(self) -> None: ...
 
+    def abort(self) -> None: ...
+
 
 class AiohttpExchange:
     __slots__ = ("_out", "method", "raw_headers", "request", "target")
@@ -76,7 +85,8 @@ class AiohttpExchange:
     def __init__(self, request: web.Request) -> None:
         self.request = request
         self.method = request.method
-        self.target = request.raw_path
+        target = origin_form(request.raw_path.encode("utf-8", "surrogateescape"))
+        self.target = target.decode("ascii") if target is not None else ""  # "": the proxy refuses it
         self.raw_headers: Sequence[tuple[bytes, bytes]] = request.raw_headers
         self._out: web.StreamResponse | None = None
 
@@ -105,14 +115,23 @@ class AiohttpExchange:
         return self._out
 
     def fail(self, exc: BalancerError) -> Reply:
-        return error_response(exc)
+        response = error_response(exc)
+        if exc.status in CLOSE_AFTER:
+            response.force_close()  # its body may be unread, or its bytes untrustworthy
+        return response
 
     def gone(self) -> Reply:
         return self._out
 
+    def abort(self) -> Reply:
+        if self.request.transport is not None:
+            self.request.transport.abort()
+        return self._out
+
 
 def _merge(headers: list[tuple[str, str]], extra: list[tuple[str, str]]) -> CIMultiDict[str]:
-    merged = CIMultiDict((k, v) for k, v in headers if k.lower() not in AIOHTTP_SETS)
+    drop = AIOHTTP_SETS | _connection_named(headers)
+    merged = CIMultiDict((k, v) for k, v in headers if k.lower() not in drop)
     merged.extend(extra)
     return merged
 
@@ -122,7 +141,9 @@ REASONS = {
     400: "Bad Request",
     401: "Unauthorized",
     404: "Not Found",
+    408: "Request Timeout",
     413: "Payload Too Large",
+    431: "Request Header Fields Too Large",
     429: "Too Many Requests",
     500: "Internal Server Error",
     502: "Bad Gateway",
@@ -155,9 +176,17 @@ class FrontExchange:
         self, status: int, headers: list[tuple[str, str]], extra: list[tuple[str, str]], framing: bytes
     ) -> list[bytes]:
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, "Unknown").encode())]
+        drop = HOP_BY_HOP | _connection_named(headers)
         for name, value in headers:
-            if name.lower() not in HOP_BY_HOP:
-                parts.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+            if name.lower() not in drop:
+                raw_name, raw_value = (
+                    name.encode("latin-1", "replace"),
+                    value.encode("utf-8", "surrogateescape"),
+                )
+                if valid_header(raw_name, raw_value):
+                    parts.append(b"%b: %b\r\n" % (raw_name, raw_value))
+                else:  # no byte of it reaches the client's parser
+                    log.warning("dropped an invalid response header %r from a worker", name[:40])
         for name, value in extra:
             parts.append(f"{name}: {value}\r\n".encode())
         if not self.keep_alive:
@@ -209,3 +238,16 @@ class FrontExchange:
 
     def gone(self) -> Reply:
         return None
+
+    def abort(self) -> Reply:
+        self._front.abort()
+        return None
+
+
+def _connection_named(headers: list[tuple[str, str]]) -> frozenset[str]:
+    """Header names a `Connection` header lists: hop-by-hop too."""
+    named: set[str] = set()
+    for name, value in headers:
+        if name.lower() == "connection":
+            named.update(token.strip().lower() for token in value.split(","))
+    return frozenset(named - {"close", "keep-alive", ""})

@@ -1,12 +1,17 @@
-"""The lean HTTP/1.1 front: serves the hot endpoints itself and hands every other connection to aiohttp.
+"""The front: owns the listening socket, serves the hot endpoints itself, hands other connections to aiohttp.
 
 Why: under wrk, aiohttp's server machinery (request objects, routing, a task and a response object per
-request) cost about as much CPU as everything else the balancer does. This protocol parses a request head with
-`find` + `split`, and when it is a plain `/v1/chat/completions`-style POST (HTTP/1.1, Content-Length up to
-1 MiB, no Expect/Upgrade/chunked body) runs the same `Proxy.forward` over a `FrontExchange` that writes the
-response bytes straight to the socket. Anything else (admin, /stats, /metrics, odd requests, malformed
-heads) is handed over with the bytes read so far: the transport switches to aiohttp's protocol for good, so
-aiohttp answers it exactly as if it had accepted the connection.
+request) cost about as much CPU as everything else the balancer does. This protocol finds the end of a
+request head, has llhttp judge it (lb/request_head.py), and when it is a plain `/v1/chat/completions`-style
+HTTP/1.1 request with a Content-Length body, receives the whole body and runs `Proxy.forward` over a
+`FrontExchange` that writes the response bytes straight to the socket. Any other valid request (admin,
+/stats, chunked uploads, HTTP/1.0, everything with --no-fast-front) is handed over with the bytes read so
+far: the transport switches to aiohttp's protocol for good, as if aiohttp had accepted the connection.
+
+Every connection is bounded before it is handed over or served: one deadline for a head (--header-timeout)
+and one for a body (--body-timeout), apart from the keep-alive idle timeout; head and header-line sizes; the
+body size; the number of open connections. Whatever it refuses gets an OpenAI-style JSON answer and the
+connection is closed, so nothing after a bad byte is ever read as another request.
 """
 
 from __future__ import annotations
@@ -16,73 +21,118 @@ import logging
 import time
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from lb.errors import BalancerError
+from lb.config import BalancerConfig
+from lb.connection import UpstreamError
+from lb.errors import (
+    BalancerError,
+    BodyTooLarge,
+    RequestHeaderTooLarge,
+    RequestTimeout,
+    TooManyConnections,
+    error_bytes,
+)
 from lb.exchange import FrontExchange
 from lb.proxy import HOT_PATHS, Proxy
-from lb.request_body import BUFFER_LIMIT
+from lb.request_head import RequestHead, parse_head
 
 FRONT_PATHS = frozenset(path.encode() for path in HOT_PATHS)
 log = logging.getLogger("lb.front")
-KEEPALIVE_TIMEOUT = 75.0  # seconds an idle client connection stays open, as aiohttp's server does
-MAX_HEAD = 64 * 1024  # bytes: longer heads go to aiohttp, which answers 431/400
+LINGER_S = 2.0  # seconds a refused connection is still read (and dropped) before it is closed
+
+
+@dataclass(frozen=True)
+class FrontLimits:
+    """What one client connection may hold and for how long (seconds, bytes)."""
+
+    header_timeout: float
+    body_timeout: float
+    keepalive_timeout: float
+    max_head: int
+    max_line: int
+    max_body: int
+    max_connections: int
+
+    @classmethod
+    def of(cls, config: BalancerConfig) -> FrontLimits:
+        return cls(
+            config.header_timeout,
+            config.body_timeout,
+            config.keepalive_timeout,
+            config.max_header_size,
+            config.max_header_line,
+            config.max_body_size,
+            config.max_connections,
+        )
+
+
+class AiohttpHandover(typing.Protocol):
+    """Makes aiohttp's protocol for a handed-over connection and counts those aiohttp holds."""
+
+    def __call__(self) -> asyncio.Protocol: ...
+
+    def __len__(self) -> int: ...
 
 
 class FrontProtocol(asyncio.Protocol):
     """One client connection; requests on it are served one after another (pipelined ones wait in turn)."""
 
-    def __init__(
-        self,
-        proxy: Proxy,
-        aiohttp_factory: Callable[[], asyncio.Protocol],
-        max_body: int,
-        connections: set[FrontProtocol],
-    ) -> None:
-        self._proxy = proxy
-        self._aiohttp_factory = aiohttp_factory
-        self._max_body = min(max_body, BUFFER_LIMIT)
-        self._connections = connections
+    def __init__(self, front: Front) -> None:
+        self._front = front
+        self._proxy = front.proxy
+        self._limits = front.limits
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
+        self._scanned = 0  # bytes of the buffer known to hold no head end
+        self._head: RequestHead | None = None  # parsed, its body still arriving
+        self._head_size = 0
         self.task: asyncio.Task[None] | None = None
         self._closing = False
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
-        self._handed_over = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiting_for_head = False  # the header deadline runs from a head's first byte
+        self._handed_over = False  # aiohttp owns it, or it was refused: the front reads no more of it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
-        self._connections.add(self)
-        self._idle_timer = self._loop.call_later(KEEPALIVE_TIMEOUT, self.close_if_idle)
+        if self._front.open_connections() >= self._limits.max_connections:
+            log.warning(
+                "refusing a connection: %d are open (--max-connections)", self._limits.max_connections
+            )
+            self._handed_over = True  # nothing more is read from it
+            self.transport.write(
+                error_bytes(TooManyConnections("Too many open connections; retry shortly."), close=True)
+            )
+            self.transport.close()
+            return
+        self._front.connections.add(self)
+        self._arm(self._limits.keepalive_timeout, self.close_if_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        self._connections.discard(self)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        self._front.connections.discard(self)
+        self._disarm()
         if self.task is not None:
             self.task.cancel()  # the client left: the proxy closes its upstream request, the worker stops
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionResetError("client disconnected"))
 
     def data_received(self, data: bytes) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        if self._handed_over:
+            return  # refused: whatever follows a refusal is never read as a request
         self._buffer += data
-        if self.task is not None and len(self._buffer) > MAX_HEAD + self._max_body:
-            # More pipelined bytes than one whole request may hold, sent while one is running: a client that
-            # floods the connection is cut off rather than buffered without bound. (Pausing reading instead
-            # would also hide the client's disconnect, which must cancel the running request.)
-            log.warning("closing a connection that sent %d bytes ahead of its request", len(self._buffer))
-            self._abort()
+        if self.task is not None:
+            if len(self._buffer) > self._limits.max_head + self._limits.max_body:
+                # More pipelined bytes than one whole request may hold, sent while one is running: a client
+                # that floods the connection is cut off rather than buffered without bound. (Pausing reading
+                # instead would also hide the client's disconnect, which must cancel the running request.)
+                log.warning("closing a connection that sent %d bytes ahead of its request", len(self._buffer))
+                self.abort()
             return
-        if self.task is None:
-            self._next_request()
-            if self.task is None and not self._handed_over:  # a head or body still arriving: not forever
-                self._idle_timer = self._loop.call_later(KEEPALIVE_TIMEOUT, self.close_if_idle)
+        self._next_request()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -110,55 +160,70 @@ class FrontProtocol(asyncio.Protocol):
 
     def _next_request(self) -> None:
         buf = self._buffer
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > MAX_HEAD:
-                self._hand_over()
+        limits = self._limits
+        head = self._head
+        if head is None:
+            if not buf:
+                return
+            if not self._waiting_for_head:
+                self._waiting_for_head = True
+                self._arm(limits.header_timeout, self._head_timed_out)
+            end = buf.find(b"\r\n\r\n", self._scanned)
+            if end < 0:
+                self._scanned = max(0, len(buf) - 3)
+                if len(buf) > limits.max_head:
+                    return self._refuse(
+                        RequestHeaderTooLarge(f"The request head exceeds {limits.max_head} bytes.")
+                    )
+                if len(buf) > limits.max_line and buf.find(b"\r\n", 0, limits.max_line) < 0:
+                    return self._refuse(
+                        RequestHeaderTooLarge(f"The request line exceeds {limits.max_line} bytes.")
+                    )
+                return
+            self._scanned = 0
+            size = end + 4
+            if size > limits.max_head:
+                return self._refuse(
+                    RequestHeaderTooLarge(f"The request head exceeds {limits.max_head} bytes.")
+                )
+            try:
+                head = parse_head(bytes(buf[:size]), limits.max_line)
+            except BalancerError as exc:
+                return self._refuse(exc)
+            if (
+                head.version != "1.1"
+                or head.transfer_encoding
+                or head.expects
+                or head.upgrade
+                or head.target.split(b"?", 1)[0] not in self._front.paths
+            ):
+                return self._hand_over()
+            if head.content_length > limits.max_body:
+                return self._refuse(
+                    BodyTooLarge(
+                        f"Request body of {head.content_length} bytes exceeds the limit of "
+                        f"{limits.max_body} bytes."
+                    )
+                )
+            self._head, self._head_size = head, size
+            self._waiting_for_head = False
+            if len(buf) < size + head.content_length:  # the body is still arriving: its own deadline
+                self._arm(limits.body_timeout, self._body_timed_out)
+        end = self._head_size + head.content_length
+        if len(buf) < end:
             return
-        lines = bytes(buf[:end]).split(b"\r\n")
-        request_line = lines[0].split(b" ")
-        if len(request_line) != 3 or request_line[2] != b"HTTP/1.1":
-            return self._hand_over()
-        method, target, _ = request_line
-        if target.split(b"?", 1)[0] not in FRONT_PATHS:
-            return self._hand_over()
-        headers: list[tuple[bytes, bytes]] = []
-        length = 0
-        lengths = 0
-        keep_alive = True
-        authorization: bytes | None = None
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name != name.strip():  # obs-fold or space before ':': let aiohttp judge
-                return self._hand_over()
-            value = value.strip()
-            lower = name.lower()
-            if lower == b"content-length":
-                if not value.isdigit():
-                    return self._hand_over()
-                length = int(value)
-                lengths += 1
-            elif lower in (b"transfer-encoding", b"expect", b"upgrade"):
-                return self._hand_over()
-            elif lower == b"connection":
-                keep_alive = b"close" not in value.lower()
-            elif lower == b"authorization":
-                authorization = value
-            headers.append((name, value))
-        if lengths > 1 or length > self._max_body:
-            return self._hand_over()  # aiohttp answers 400 / 413
-        if len(buf) < end + 4 + length:
-            return  # the body is still arriving
-        body = bytes(buf[end + 4 : end + 4 + length]) if length else None
-        del buf[: end + 4 + length]
+        body = bytes(buf[self._head_size : end]) if head.content_length else None
+        del buf[:end]
+        self._head = None
+        self._disarm()
         exchange = FrontExchange(
             self,
-            method.decode(),
-            target.decode("utf-8", "surrogateescape"),
-            headers,
-            keep_alive and not self._closing,
+            head.method,
+            head.target.decode("ascii"),
+            head.headers,
+            head.keep_alive and not self._closing,
         )
-        self.task = self._loop.create_task(self._serve(exchange, body, authorization))
+        self.task = self._loop.create_task(self._serve(exchange, body, head.authorization))
 
     async def _serve(self, exchange: FrontExchange, body: bytes | None, authorization: bytes | None) -> None:
         started = time.perf_counter()
@@ -170,11 +235,15 @@ class FrontProtocol(asyncio.Protocol):
             else:
                 await self._proxy.forward(exchange, body, started)
         except (ConnectionError, asyncio.CancelledError):
-            self._abort()
+            self.abort()
+            return
+        except UpstreamError as exc:  # the worker broke a response already under way: cut the client off
+            log.warning("worker failed mid-response to %s %s: %s", exchange.method, exchange.target, exc)
+            self.abort()
             return
         except Exception:  # a bug: log it, and never leave the client hanging on a half-sent answer
             log.exception("request failed in the front: %s %s", exchange.method, exchange.target)
-            self._abort()
+            self.abort()
             return
         self.task = None
         if not exchange.keep_alive or self._closing:
@@ -183,9 +252,51 @@ class FrontProtocol(asyncio.Protocol):
         elif self._buffer:
             self._next_request()
         else:
-            self._idle_timer = self._loop.call_later(KEEPALIVE_TIMEOUT, self.close_if_idle)
+            self._arm(self._limits.keepalive_timeout, self.close_if_idle)
 
-    def _abort(self) -> None:
+    def _head_timed_out(self) -> None:
+        self._refuse(RequestTimeout(f"No complete request head within {self._limits.header_timeout:g}s."))
+
+    def _body_timed_out(self) -> None:
+        self._refuse(
+            RequestTimeout(f"The request body did not arrive within {self._limits.body_timeout:g}s.")
+        )
+
+    def _refuse(self, exc: BalancerError) -> None:
+        """Answer the balancer's own error and close: the bytes after a bad head are never read as a request.
+
+        A lingering close, as nginx does: our side is shut for writing, what the client still sends is read
+        and dropped for up to LINGER_S, so the answer is not lost to a reset from unread bytes."""
+        log.info("refused a request (%d): %s", exc.status, exc.message)
+        self._handed_over = True
+        self._buffer.clear()
+        self._proxy.rejected(exc)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(error_bytes(exc, close=True))
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._arm(LINGER_S, transport.close)
+        else:
+            self._disarm()
+            transport.close()
+
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def abort(self) -> None:
+        """Cut the connection (no graceful close): nothing more is read or written on it."""
+        self._closing = True
+        self._handed_over = True
+        self._buffer.clear()
         if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
         self.task = None
@@ -196,10 +307,9 @@ class FrontProtocol(asyncio.Protocol):
         """From here on aiohttp owns this connection, starting with the bytes already read."""
         assert self.transport is not None
         self._handed_over = True
-        self._connections.discard(self)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()  # aiohttp keeps its own keep-alive timer
-        protocol = self._aiohttp_factory()
+        self._front.connections.discard(self)
+        self._disarm()  # aiohttp keeps its own keep-alive timer
+        protocol = self._front.aiohttp()
         self.transport.set_protocol(protocol)
         protocol.connection_made(self.transport)
         data, self._buffer = bytes(self._buffer), bytearray()
@@ -208,23 +318,23 @@ class FrontProtocol(asyncio.Protocol):
 
 
 class Front:
-    """The listening socket of the lean front and the connections it serves."""
+    """The listening socket and the connections it serves; `paths` empty hands every connection over."""
 
-    def __init__(self, proxy: Proxy, aiohttp_factory: Callable[[], asyncio.Protocol], max_body: int) -> None:
-        self._proxy = proxy
-        self._aiohttp_factory = aiohttp_factory
-        self._max_body = max_body
+    def __init__(self, proxy: Proxy, aiohttp: AiohttpHandover, config: BalancerConfig) -> None:
+        self.proxy = proxy
+        self.aiohttp = aiohttp
+        self.limits = FrontLimits.of(config)
+        self.paths = FRONT_PATHS if config.fast_front else frozenset()
         self.connections: set[FrontProtocol] = set()
         self._server: asyncio.Server | None = None
+
+    def open_connections(self) -> int:
+        return len(self.connections) + len(self.aiohttp)
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: FrontProtocol(self._proxy, self._aiohttp_factory, self._max_body, self.connections),
-            host,
-            port,
-            backlog=2048,
-            reuse_address=True,
+            lambda: FrontProtocol(self), host, port, backlog=2048, reuse_address=True
         )
 
     async def shutdown(self, timeout: float) -> None:  # noqa: ASYNC109 - the drain deadline

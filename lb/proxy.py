@@ -17,18 +17,22 @@ from collections.abc import AsyncIterator, Sequence
 from aiohttp import web
 
 from lb.admission import Admission, is_bulk
+from lb.aiohttp_server import check_request
 from lb.auth import check_bearer
 from lb.backends import Backend, BackendPool
 from lb.config import BalancerConfig
 from lb.errors import (
     BalancerError,
     GatewayTimeout,
+    InvalidHttpRequest,
+    RequestTimeout,
     ShuttingDown,
     UpstreamFailed,
     sse_error_event,
 )
 from lb.exchange import AiohttpExchange, Exchange, Reply
 from lb.health import HealthChecker
+from lb.http11 import worker_headers
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter, rewrite_model, served_name
 from lb.request_body import model_of, read_body
@@ -40,23 +44,6 @@ log = logging.getLogger("lb.proxy")
 HOT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/generate")
 RESPONSE_BUFFER_LIMIT = 1 << 20  # bytes: complete responses up to this are relayed in one write
 RETRY_STATUSES = frozenset({429, 502, 503})  # a full, failing or draining worker answered before doing work
-# hop-by-hop headers (RFC 9110 7.6.1) and those the client session recomputes
-REQUEST_DROP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
-REQUEST_DROP_RAW = frozenset(name.encode() for name in REQUEST_DROP)  # raw_headers are bytes: no decoding
-REQUEST_DROP_AUTH = REQUEST_DROP_RAW | {b"authorization"}
 
 
 class _Retry:
@@ -86,7 +73,14 @@ class Proxy:
         self._metrics = metrics
         self._client = client
         self._keys = config.api_keys()
+        self._worker_auth: tuple[tuple[bytes, bytes], ...] = (
+            ((b"Authorization", b"Bearer " + config.worker_api_key.encode()),)
+            if config.worker_api_key
+            else ()
+        )
         self._max_body = config.max_body_size
+        self._body_timeout = config.body_timeout
+        self._max_head = config.max_header_size
         self._max_retries = config.max_retries
         self.total_requests = 0
         self.draining = False  # shutdown began: new requests get 503 (lb/shutdown.py)
@@ -99,8 +93,17 @@ class Proxy:
         started = time.perf_counter()
         exchange = AiohttpExchange(request)
         try:
+            if not exchange.target:
+                raise InvalidHttpRequest("The request target must be an origin-form path of visible ASCII.")
+            check_request(request, self._max_head)
             self.check_key(request.headers.get("Authorization"))
-            body = await read_body(request, self._max_body, whole=self._router.needs_model)
+            try:  # the whole body, before the request may take a worker slot
+                async with asyncio.timeout(self._body_timeout):
+                    body = await read_body(request, self._max_body)
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"The request body did not arrive within {self._body_timeout:g}s."
+                ) from None
         except BalancerError as exc:
             reply = self.refuse(exchange, exc)
         else:
@@ -140,9 +143,22 @@ class Proxy:
 
     def refuse(self, exchange: Exchange, exc: BalancerError) -> Reply:
         """Answer a request the balancer turns down before routing (e.g. a bad key)."""
+        self.rejected(exc)
+        return exchange.fail(exc)
+
+    def rejected(self, exc: BalancerError) -> None:
+        """Count a request turned down before routing (the front answers malformed ones itself)."""
         self.total_requests += 1
         self._metrics.rejected(exc.status)
-        return exchange.fail(exc)
+
+    def worker_headers(self, exchange: Exchange) -> list[tuple[bytes, bytes]]:
+        """The headers a worker receives: the client's, less hop-by-hop ones and, when the balancer checked
+        the client's key, its credentials; plus the balancer's own (the worker key)."""
+        return worker_headers(
+            exchange.raw_headers,
+            drop_credentials=bool(self._keys or self._worker_auth),
+            add=self._worker_auth,
+        )
 
     async def _forward(
         self,
@@ -161,6 +177,7 @@ class Proxy:
             current = _empty  # known model, nobody healthy serving it: 503 from admission
         tried: frozenset[int] = frozenset()
         retries = 0
+        headers = self.worker_headers(exchange)
         bulk = is_bulk(exchange.raw_headers)  # the client stepped aside: it waits behind interactive traffic
         while True:
             backend = await self._admission.choose(current, tried, bulk=bulk)
@@ -178,7 +195,7 @@ class Proxy:
             ):
                 sent = rewrite_model(body, served_name(backend, model))  # matched by normalised name
             async with pool.track(backend, bulk):
-                outcome = await self._attempt(exchange, backend, sent, retries, can_retry, started)
+                outcome = await self._attempt(exchange, backend, headers, sent, retries, can_retry, started)
             if not isinstance(outcome, _Retry):
                 return outcome
             log.info("retrying on another backend: backend %d %s", backend.index, outcome.reason)
@@ -190,14 +207,13 @@ class Proxy:
         self,
         exchange: Exchange,
         backend: Backend,
+        headers: list[tuple[bytes, bytes]],
         body: bytes | AsyncIterator[bytes] | None,
         retries: int,
         can_retry: bool,
         started: float,
     ) -> Reply | _Retry:
         self._metrics.overhead.observe(time.perf_counter() - started)
-        drop = REQUEST_DROP_AUTH if self._keys else REQUEST_DROP_RAW  # the client's key is not the worker's
-        headers = [(k, v) for k, v in exchange.raw_headers if k.lower() not in drop]
         try:
             upstream = await self._client.request(
                 backend.host,
@@ -286,7 +302,8 @@ class Proxy:
             if not isinstance(exc, UpstreamTimeout):
                 self._health.mark_down(backend, f"{exc} (mid-stream)")
             if not is_sse:
-                raise  # abort the connection so the client sees a truncated body
+                log.warning("worker %d failed mid-response: %s", backend.index, exc)
+                return exchange.abort()  # the client sees a truncated body, never a forged end
             await exchange.write(sse_error_event(f"Worker {backend.index} failed mid-stream: {exc}"))
             return await exchange.end()
         except asyncio.CancelledError:

@@ -1,10 +1,10 @@
-"""The request body: read whole when small (so an attempt can be retried) or streamed when large, and its
-`model`, read only when backends serve different models."""
+"""The request body, received whole (within --max-body-size) before the request takes a worker slot, so a
+slow uploader holds no worker capacity and any attempt can be retried; and its `model`, read only when
+backends serve different models."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -12,21 +12,17 @@ from aiohttp import web
 
 from lb.errors import BadRequest, BodyTooLarge
 
-BUFFER_LIMIT = 1 << 20  # bytes: bodies up to this are read whole and can be retried on another backend
 
-
-async def read_body(request: web.Request, limit: int, *, whole: bool) -> bytes | AsyncIterator[bytes] | None:
-    """None without a body; bytes when small or `whole`; else an iterator that streams it through (once)."""
+async def read_body(request: web.Request, limit: int) -> bytes | None:
+    """None without a body, else all of it (Content-Length or chunked); 413 beyond `limit` bytes."""
     if not request.body_exists:
         return None
     length = request.content_length
     if length is not None and length > limit:
         raise BodyTooLarge(f"Request body of {length} bytes exceeds the limit of {limit} bytes.")
-    if length is not None and length <= BUFFER_LIMIT:
+    if length is not None:
         return await request.read()
-    if whole:
-        return await _read_bounded(request.content, limit)
-    return _stream_bounded(request.content, limit)
+    return await _read_bounded(request.content, limit)
 
 
 def model_of(body: bytes) -> str | None:
@@ -54,12 +50,3 @@ async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
             raise BodyTooLarge(f"Request body exceeds the limit of {limit} bytes.")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-async def _stream_bounded(stream: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
-    size = 0
-    async for chunk in stream.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-        yield chunk

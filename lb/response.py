@@ -1,21 +1,46 @@
-"""UpstreamResponse: a worker's status line and headers, then its body framed by length, chunks or close."""
+"""UpstreamResponse: a worker's response parsed by llhttp (httptools): status, headers, then the body framed
+by Content-Length, chunked encoding or connection close.
+
+llhttp refuses what a strict parser refuses (a negative, non-decimal or repeated Content-Length, chunk sizes
+such as `0x5` or `+5`, a missing CRLF after chunk data, bare CR / LF, control bytes in headers); the checks
+here add a bound on the head's size, a valid status code and bytes sent after the response's end. Any of
+these is an UpstreamError: a 502 before the client saw a byte, a cut stream after, and in every case the
+connection is closed rather than pooled again.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 
+import httptools
+
 from lb.connection import Connection, UpstreamError
 
-NO_BODY_STATUSES = frozenset({204, 304})
+MAX_HEAD = 64 * 1024  # bytes of status line and headers a worker may send
+
+
+class _Overrun(Exception):
+    """The worker sent bytes after the end of its response."""
+
+
+class _HeadOnly(Exception):
+    """A HEAD response: its headers are all there is, whatever Content-Length says."""
 
 
 class UpstreamResponse:
     """Status and headers parsed; the body is read with `read()` or `chunks()`, then `release()`d."""
 
     __slots__ = (
-        "_chunked",
+        "_clean",
+        "_close_delimited",
         "_conn",
-        "_remaining",
+        "_head_bytes",
+        "_head_done",
+        "_head_fed",
+        "_head_only",
+        "_interim",
+        "_parser",
+        "_pieces",
         "_reuse",
         "_timeout",
         "content_length",
@@ -30,173 +55,156 @@ class UpstreamResponse:
         self._reuse = reuse  # takes the connection back into its pool once the body was read to its end
         self._conn = conn
         self._timeout = timeout
+        self._parser = httptools.HttpResponseParser(self)
+        self._pieces: list[bytes] = []  # body bytes parsed and not yet taken
+        self._head_done = False
+        self._head_bytes = 0  # header bytes parsed
+        self._head_fed = 0  # bytes fed before the head was complete (a head may trickle in)
+        self._head_only = False
+        self._interim = False  # inside a 1xx response, whose real one follows
+        self._close_delimited = False
+        self._clean = True  # nothing after the response's end, no parser error
         self.status = 0
         self.headers: list[tuple[str, str]] = []
         self.content_length: int | None = None
         self.content_type = ""
         self.keep_alive = True
         self.done = False
-        self._chunked = False
-        self._remaining = 0  # bytes left in the body (Content-Length) or in the current chunk
+
+    # llhttp callbacks
+    def on_message_begin(self) -> None:
+        if self.done:
+            raise _Overrun
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4  # a whole head may arrive in one read
+        if self._head_bytes > MAX_HEAD:
+            raise UpstreamError(f"the worker's response head exceeds {MAX_HEAD} bytes", started=True)
+        if self._interim:
+            return
+        lower = name.lower()
+        if lower == b"content-length":
+            self.content_length = int(value)  # llhttp accepted it: one value, decimal digits, no overflow
+        elif lower == b"content-type":
+            self.content_type = value.decode("latin-1")
+        self.headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            self._interim = True  # 100 Continue and friends: the real head follows
+            self.headers.clear()
+            self.content_length = None
+            self.content_type = ""
+            return
+        if not 200 <= status <= 599:
+            raise UpstreamError(f"the worker answered an invalid status {status}", started=True)
+        self.status = status
+        self.keep_alive = self._parser.should_keep_alive()
+        self._head_done = True
+        if self._head_only or status in (204, 304):
+            self.content_length = 0
+            self.done = True
+            if self._head_only:
+                raise _HeadOnly  # llhttp would wait for the Content-Length it announced
+        elif self.content_length is None and not _chunked(self.headers):
+            self._close_delimited = True
+            self.keep_alive = False
+
+    def on_body(self, body: bytes) -> None:
+        self._pieces.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self.done = True
+
+    # the coroutine side
+    def _feed(self) -> None:
+        """Parse everything buffered on the connection."""
+        buf = self._conn.buffer
+        data = bytes(buf)
+        buf.clear()
+        if not self._head_done:
+            self._head_fed += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            # whatever follows the error is not ours: the connection is never reused
+            self._clean = False
+            cause = exc.__context__
+            if isinstance(cause, UpstreamError):
+                raise cause from None
+            if self.done:
+                return  # bytes after the response's end (_Overrun, or after `Connection: close`): it is whole
+            raise UpstreamError(f"malformed response from the worker: {exc}", started=True) from None
+        if not self._head_done and self._head_fed > MAX_HEAD:
+            self._clean = False
+            raise UpstreamError(f"the worker's response head exceeds {MAX_HEAD} bytes", started=True)
 
     async def _read_head(self, method: str) -> None:
+        self._head_only = method == "HEAD"
         conn = self._conn
         while True:
-            end = conn.buffer.find(b"\r\n\r\n")
-            while end < 0:
-                await conn.wait_data(self._timeout, started=bool(conn.buffer))
-                end = conn.buffer.find(b"\r\n\r\n")
-            head = bytes(conn.buffer[:end])
-            del conn.buffer[: end + 4]
-            lines = head.decode("utf-8", "surrogateescape").split("\r\n")
-            version, _, rest = lines[0].partition(" ")
-            try:
-                status = int(rest[:3])
-            except ValueError:
-                raise UpstreamError(
-                    f"malformed status line from the worker: {lines[0][:80]!r}", started=True
-                ) from None
-            if 100 <= status < 200:
-                continue  # 100 Continue and friends: the real head follows
-            break
-        self.status = status
-        self.keep_alive = version == "HTTP/1.1"
-        headers = self.headers
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            name = name.strip()
-            value = value.strip()
-            lower = name.lower()
-            if lower == "content-length":
-                self.content_length = int(value)
-            elif lower == "transfer-encoding":
-                self._chunked = "chunked" in value.lower()
-            elif lower == "connection":
-                self.keep_alive = "close" not in value.lower() and (
-                    self.keep_alive or "keep-alive" in value.lower()
-                )
-            elif lower == "content-type":
-                self.content_type = value
-            headers.append((name, value))
-        if method == "HEAD" or status in NO_BODY_STATUSES:
-            self.content_length = 0
-            self._chunked = False
-        if self._chunked:
-            self.content_length = None
-            self._remaining = -1  # before the first chunk-size line
-        elif self.content_length is not None:
-            self._remaining = self.content_length
-        else:
-            self.keep_alive = False  # body runs to connection close
-        if self.content_length == 0:
-            self._finish()
+            if conn.buffer:
+                self._feed()
+                if self._head_done:
+                    return
+            await conn.wait_data(self._timeout, started=self._started)
+
+    @property
+    def _started(self) -> bool:
+        return self._head_fed > 0
 
     @property
     def buffered(self) -> bool:
         """Body bytes have already arrived (with the head, typically)."""
-        return bool(self._conn.buffer)
+        return bool(self._pieces) or bool(self._conn.buffer)
 
     async def read(self) -> bytes:
         """The whole body (for responses known to be small)."""
-        buf = self._conn.buffer
-        if not self._chunked and self._remaining and len(buf) == self._remaining:
-            data = bytes(buf)  # the usual case: head and body arrived in one read
-            buf.clear()
-            self._remaining = 0
-            self._finish()
-            return data
+        if self._conn.buffer:
+            self._feed()
+        if self.done:  # the usual case: head and body arrived in one read
+            pieces, self._pieces = self._pieces, []
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
         parts = [chunk async for chunk in self.chunks()]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive, without transfer-encoding framing; ends when the body is complete."""
-        conn = self._conn
-        while not self.done:
-            data = self._take_chunked() if self._chunked else self._take_plain()
-            if data:
-                yield data
-            elif not self.done:
-                try:
-                    await conn.wait_data(self._timeout, started=True)
-                except UpstreamError:
-                    if self.content_length is None and not self._chunked and conn.closed and not conn.buffer:
-                        self._finish()  # close-delimited body: EOF is its end
-                        return
-                    raise
+        """Body bytes as they arrive, without transfer-encoding framing; ends when the body is complete.
 
-    def _take_plain(self) -> bytes:
-        buf = self._conn.buffer
-        if not buf:
-            return b""
-        if self.content_length is None:  # until close
-            data = bytes(buf)
-            buf.clear()
-            return data
-        n = min(len(buf), self._remaining)
-        data = bytes(buf[:n])
-        del buf[:n]
-        self._remaining -= n
-        if self._remaining == 0:
-            self._finish()
-        return data
-
-    def _take_chunked(self) -> bytes:
-        """Everything decodable from the buffer now: whole chunk payloads and the start of a partial one.
-
-        One copy of the buffer and one deletion at the end: a read holding many SSE events (one chunk each)
-        is parsed by offsets, not by shrinking the bytearray once per chunk (quadratic).
+        `done` is already true when the last piece is yielded, so it can go out with the end of the stream.
         """
-        buf = self._conn.buffer
-        data = bytes(buf)
-        end = len(data)
-        pos = 0
-        remaining = self._remaining  # > 0: payload bytes left; -2: its CRLF next; -1: a size line next
-        out: list[bytes] = []
-        while pos < end:
-            if remaining > 0:
-                take = min(end - pos, remaining)
-                out.append(data[pos : pos + take])
-                pos += take
-                remaining -= take
-                if remaining == 0:
-                    remaining = -2
+        conn = self._conn
+        while True:
+            if conn.buffer:
+                self._feed()
+            if self._pieces:
+                pieces = self._pieces
+                self._pieces = []
+                yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
                 continue
-            if remaining == -2:
-                if end - pos < 2:
-                    break
-                pos += 2
-                remaining = -1
-                continue
-            eol = data.find(b"\r\n", pos)
-            if eol < 0:
-                break
-            size_line = data[pos:eol].split(b";", 1)[0].strip()
+            if self.done:
+                return
             try:
-                size = int(size_line, 16)
-            except ValueError:
-                raise UpstreamError(
-                    f"malformed chunk size from the worker: {size_line[:20]!r}", started=True
-                ) from None
-            if size == 0:
-                trailer_end = data.find(b"\r\n\r\n", eol)
-                if trailer_end < 0:
-                    break  # wait for the (usually empty) trailer section
-                pos = trailer_end + 4
-                self._finish()
-                break
-            pos = eol + 2
-            remaining = size
-        del buf[:pos]
-        self._remaining = remaining
-        return out[0] if len(out) == 1 else b"".join(out)
-
-    def _finish(self) -> None:
-        self.done = True
+                await conn.wait_data(self._timeout, started=True)
+            except UpstreamError:
+                if self._close_delimited and conn.closed and not conn.buffer:
+                    self.done = True  # a close-delimited body: EOF is its end
+                    return
+                raise
 
     def release(self) -> None:
-        """Pool the connection if the body was read to its end, else close it (so the worker stops)."""
+        """Pool the connection if the body was read to its end and nothing followed it, else close it (so
+        the worker stops, and nothing left on it is ever read as the next request's answer)."""
         conn = self._conn
-        if self.done and self.keep_alive and not conn.closed and not conn.buffer:
+        if self.done and self._clean and self.keep_alive and not conn.closed and not conn.buffer:
             self._reuse(conn)
         else:
             conn.close()
+
+
+def _chunked(headers: list[tuple[str, str]]) -> bool:
+    return any(name.lower() == "transfer-encoding" for name, _ in headers)

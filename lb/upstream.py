@@ -2,8 +2,9 @@
 
 Why not aiohttp's ClientSession: profiling the proxy under wrk showed ~40% of the balancer's CPU inside the
 client's request/response machinery (timers, tracing, cookie and URL handling, payload objects). Here a
-request is one `transport.write` of bytes built from the incoming request, and the response head is parsed by
-`find(b"\\r\\n\\r\\n")` + `split`; bodies are framed by Content-Length, chunked encoding or connection close.
+request is one `transport.write` of bytes built from the incoming request (already validated: an origin-form
+target and the headers of lb/http11.py's `worker_headers`), and the response is parsed by llhttp
+(lb/response.py); bodies are framed by Content-Length, chunked encoding or connection close.
 aiohttp's session remains in use for health probes and the admin API, where speed does not matter.
 """
 

@@ -100,6 +100,7 @@ async def balancer() -> AsyncIterator[Any]:
     """`await balancer(workers, **settings)`: lb.create_app served in-process; returns its URL."""
     from aiohttp import web
 
+    from lb.aiohttp_server import AiohttpConnections
     from lb.app import create_app
     from lb.config import BalancerConfig
     from lb.front import Front
@@ -119,13 +120,10 @@ async def balancer() -> AsyncIterator[Any]:
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1)
         await runner.setup()
         port = free_port()
-        if config.fast_front:  # as `python -m lb` serves: the lean front, aiohttp for everything else
-            assert runner.server is not None
-            front = Front(app[STATE].proxy, runner.server, config.max_body_size)
-            await front.start("127.0.0.1", port)
-            fronts.append(front)
-        else:
-            await web.TCPSite(runner, "127.0.0.1", port).start()
+        assert runner.server is not None  # as `python -m lb` serves: the front, aiohttp behind it
+        front = Front(app[STATE].proxy, AiohttpConnections(runner.server), config)
+        await front.start("127.0.0.1", port)
+        fronts.append(front)
         runners.append(runner)
         apps.append(app)
         return f"http://127.0.0.1:{port}"

@@ -25,10 +25,12 @@ async def create(request: web.Request) -> web.Response:
         raise InvalidJobRequest("The request body must be a JSON object.", code="invalid_json")
     for name in ("input_file_id", "endpoint", "completion_window"):
         if not isinstance(body.get(name), str):
-            raise InvalidJobRequest(f"'{name}' is required and must be a string.",
-                                    code="missing_required_parameter", param=name)
-    batch = await service.create(owner, body["input_file_id"], body["endpoint"], body["completion_window"],
-                                 body.get("metadata"))
+            raise InvalidJobRequest(
+                f"'{name}' is required and must be a string.", code="missing_required_parameter", param=name
+            )
+    batch = await service.create(
+        owner, body["input_file_id"], body["endpoint"], body["completion_window"], body.get("metadata")
+    )
     return web.json_response(batch)
 
 
@@ -36,8 +38,15 @@ async def list_batches(request: web.Request) -> web.Response:
     service = request.app[STATE].batches
     owner = owner_of(request)
     data, has_more = service.list(owner, request.query.get("after"), int_param(request, "limit", 20, 100))
-    return web.json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                              "last_id": data[-1]["id"] if data else None, "has_more": has_more})
+    return web.json_response(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": has_more,
+        }
+    )
 
 
 async def retrieve(request: web.Request) -> web.Response:

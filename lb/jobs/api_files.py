@@ -21,8 +21,9 @@ async def upload(request: web.Request) -> web.Response:
     service = request.app[STATE].batches
     owner = owner_of(request)
     if not request.content_type.startswith("multipart/"):
-        raise InvalidJobRequest("Upload a file as multipart/form-data with fields 'file' and 'purpose'.",
-                                code="invalid_upload")
+        raise InvalidJobRequest(
+            "Upload a file as multipart/form-data with fields 'file' and 'purpose'.", code="invalid_upload"
+        )
     reader = await request.multipart()
     purpose: str | None = None
     uploaded = None
@@ -39,8 +40,9 @@ async def upload(request: web.Request) -> web.Response:
         raise InvalidJobRequest("The form has no 'file' field.", code="missing_file", param="file")
     if purpose not in PURPOSES:
         service.delete_file(uploaded["id"], owner)
-        raise InvalidJobRequest(f"purpose {purpose!r} is not supported; use 'batch'.", code="invalid_purpose",
-                                param="purpose")
+        raise InvalidJobRequest(
+            f"purpose {purpose!r} is not supported; use 'batch'.", code="invalid_purpose", param="purpose"
+        )
     return web.json_response(uploaded)
 
 
@@ -54,11 +56,23 @@ async def list_files(request: web.Request) -> web.Response:
     owner = owner_of(request)
     limit = int_param(request, "limit", 10_000, 10_000)
     order = request.query.get("order", "desc")
-    rows = service.store.files(owner, request.query.get("purpose"), request.query.get("after"), limit + 1,
-                               newest_first=order != "asc")
+    rows = service.store.files(
+        owner,
+        request.query.get("purpose"),
+        request.query.get("after"),
+        limit + 1,
+        newest_first=order != "asc",
+    )
     data = [file_object(r) for r in rows[:limit]]
-    return web.json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                              "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit})
+    return web.json_response(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": len(rows) > limit,
+        }
+    )
 
 
 async def get_file(request: web.Request) -> web.Response:
@@ -88,8 +102,6 @@ def int_param(request: web.Request, name: str, default: int, most: int) -> int:
     if not 1 <= value <= most:
         raise InvalidJobRequest(f"{name} must be between 1 and {most}.", param=name)
     return value
-
-
 
 
 def add_routes(app: web.Application) -> None:

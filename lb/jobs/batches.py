@@ -68,8 +68,13 @@ class BatchService:
     async def start(self) -> None:
         """Resume every unfinished batch from the database and its result files, then start dispatching."""
         for row in self.store.unfinished():
-            log.info("resuming batch %s (%s, %d/%d done)", row["id"], row["status"],
-                     row["completed"] + row["failed"], row["total"])
+            log.info(
+                "resuming batch %s (%s, %d/%d done)",
+                row["id"],
+                row["status"],
+                row["completed"] + row["failed"],
+                row["total"],
+            )
             if row["status"] == "validating":
                 self._spawn(self._validate(row["id"]))
             else:
@@ -91,11 +96,20 @@ class BatchService:
         task.add_done_callback(self._tasks.discard)
 
     # files
-    async def upload(self, owner: str | None, purpose: str, filename: str, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
+    async def upload(
+        self, owner: str | None, purpose: str, filename: str, chunks: AsyncIterator[bytes]
+    ) -> dict[str, Any]:
         file_id = new_id("file")
         size = await self.files.save_stream(file_id, chunks, self.config.batch_max_file_size)
-        row = {"id": file_id, "owner": owner, "purpose": purpose, "filename": filename, "bytes": size,
-               "created_at": now(), "path": self.files.relative(file_id)}
+        row = {
+            "id": file_id,
+            "owner": owner,
+            "purpose": purpose,
+            "filename": filename,
+            "bytes": size,
+            "created_at": now(),
+            "path": self.files.relative(file_id),
+        }
         self.store.add_file(row)
         return file_object(row)
 
@@ -125,22 +139,37 @@ class BatchService:
     ) -> dict[str, Any]:
         """Record the batch as `validating` and validate its file in the background; returns the object."""
         if endpoint not in ENDPOINTS:
-            raise InvalidJobRequest(f"Unsupported endpoint {endpoint!r}; use one of {', '.join(ENDPOINTS)}.",
-                                    code="unsupported_endpoint", param="endpoint")
+            raise InvalidJobRequest(
+                f"Unsupported endpoint {endpoint!r}; use one of {', '.join(ENDPOINTS)}.",
+                code="unsupported_endpoint",
+                param="endpoint",
+            )
         window = _window_seconds(completion_window)
         _check_metadata(metadata)
         source = self.file_row(input_file_id, owner)
         if source["purpose"] != "batch":
-            raise InvalidJobRequest(f"File {input_file_id!r} has purpose {source['purpose']!r}, not 'batch'.",
-                                    code="invalid_file_purpose", param="input_file_id")
+            raise InvalidJobRequest(
+                f"File {input_file_id!r} has purpose {source['purpose']!r}, not 'batch'.",
+                code="invalid_file_purpose",
+                param="input_file_id",
+            )
         created = now()
         batch_id = new_id("batch")
-        self.store.add_batch({
-            "id": batch_id, "owner": owner, "endpoint": endpoint, "input_file_id": input_file_id,
-            "completion_window": completion_window, "status": "validating", "created_at": created,
-            "expires_at": created + window, "out_id": new_id("file"), "err_id": new_id("file"),
-            "metadata": metadata or {},
-        })
+        self.store.add_batch(
+            {
+                "id": batch_id,
+                "owner": owner,
+                "endpoint": endpoint,
+                "input_file_id": input_file_id,
+                "completion_window": completion_window,
+                "status": "validating",
+                "created_at": created,
+                "expires_at": created + window,
+                "out_id": new_id("file"),
+                "err_id": new_id("file"),
+                "metadata": metadata or {},
+            }
+        )
         log.info("batch %s created from %s for %s", batch_id, input_file_id, endpoint)
         self._spawn(self._validate(batch_id))
         return self.get(batch_id)
@@ -154,8 +183,17 @@ class BatchService:
         """
         file_id = new_id("file")
         size = self.files.save_lines(file_id, (json.dumps(line).encode() for line in lines))
-        self.store.add_file({"id": file_id, "owner": owner, "purpose": "batch", "filename": "internal.jsonl",
-                             "bytes": size, "created_at": now(), "path": self.files.relative(file_id)})
+        self.store.add_file(
+            {
+                "id": file_id,
+                "owner": owner,
+                "purpose": "batch",
+                "filename": "internal.jsonl",
+                "bytes": size,
+                "created_at": now(),
+                "path": self.files.relative(file_id),
+            }
+        )
         batch = await self.create(owner, file_id, endpoint, "24h", metadata)
         return str(batch["id"])
 
@@ -187,8 +225,11 @@ class BatchService:
             self.store.update_batch(batch_id, status="cancelling", cancelling_at=now())
             self.dispatcher.stop(batch_id, "cancelled")
         elif row["status"] in TERMINAL and row["status"] != "cancelled":
-            raise InvalidJobRequest(f"Batch {batch_id!r} is {row['status']} and cannot be cancelled.",
-                                    code="batch_not_cancellable", param="batch_id")
+            raise InvalidJobRequest(
+                f"Batch {batch_id!r} is {row['status']} and cannot be cancelled.",
+                code="batch_not_cancellable",
+                param="batch_id",
+            )
         return self.get(batch_id)
 
     def results(self, batch_id: str) -> Iterator[dict[str, Any]]:
@@ -207,17 +248,29 @@ class BatchService:
         except BalancerError as exc:
             return refusal(exc)
         if outcome.status is None:
-            return 502, {"error": {"message": outcome.body.get("message"), "type": "upstream_error",
-                                   "param": None, "code": "bad_gateway"}}
+            return 502, {
+                "error": {
+                    "message": outcome.body.get("message"),
+                    "type": "upstream_error",
+                    "param": None,
+                    "code": "bad_gateway",
+                }
+            }
         return outcome.status, outcome.body if isinstance(outcome.body, dict) else {"text": outcome.body}
 
     def running(self) -> list[dict[str, Any]]:
         """For /stats: each batch being dispatched, with its progress."""
         return [
-            {"id": run.batch_id, "endpoint": run.endpoint,
-             "status": "cancelling" if run.stopping == "cancelled" else "in_progress", "total": run.total,
-             "completed": run.completed, "failed": run.failed, "in_flight": run.in_flight,
-             "output_tokens": run.tokens_out}
+            {
+                "id": run.batch_id,
+                "endpoint": run.endpoint,
+                "status": "cancelling" if run.stopping == "cancelled" else "in_progress",
+                "total": run.total,
+                "completed": run.completed,
+                "failed": run.failed,
+                "in_flight": run.in_flight,
+                "output_tokens": run.tokens_out,
+            }
             for run in self.dispatcher.runs.values()
         ]
 
@@ -227,20 +280,36 @@ class BatchService:
         assert row is not None
         source = self.store.file(row["input_file_id"], row["owner"])
         if source is None:
-            errors = [{"code": "file_not_found", "message": "The input file was deleted.", "param":
-                       "input_file_id", "line": None}]
+            errors = [
+                {
+                    "code": "file_not_found",
+                    "message": "The input file was deleted.",
+                    "param": "input_file_id",
+                    "line": None,
+                }
+            ]
             count = 0
         else:
-            count, errors = await asyncio.to_thread(validate_file, self.files.path(source["path"]),
-                                                    row["endpoint"], self.limits, self._served_models())
+            count, errors = await asyncio.to_thread(
+                validate_file,
+                self.files.path(source["path"]),
+                row["endpoint"],
+                self.limits,
+                self._served_models(),
+            )
         status = self.store.batch(batch_id)["status"]  # type: ignore[index]
         if status == "cancelling":
             self.store.update_batch(batch_id, status="cancelled", cancelled_at=now(), total=count)
             return
         if errors:
             log.info("batch %s failed validation: %s", batch_id, errors[0]["message"])
-            self.store.update_batch(batch_id, status="failed", failed_at=now(), total=count,
-                                    errors={"object": "list", "data": errors})
+            self.store.update_batch(
+                batch_id,
+                status="failed",
+                failed_at=now(),
+                total=count,
+                errors={"object": "list", "data": errors},
+            )
             return
         self.store.update_batch(batch_id, status="in_progress", in_progress_at=now(), total=count)
         log.info("batch %s validated: %d requests", batch_id, count)
@@ -257,9 +326,14 @@ class BatchService:
     def _start_run(self, row: dict[str, Any], stopping: str | None) -> None:
         source = self.store.file(row["input_file_id"], row["owner"])
         assert source is not None, f"batch {row['id']}: input file missing"
-        run = BatchRun(row["id"], row["endpoint"], self.files.path(source["path"]),
-                       self.files.path(self.files.relative(row["out_id"])),
-                       self.files.path(self.files.relative(row["err_id"])), row["expires_at"])
+        run = BatchRun(
+            row["id"],
+            row["endpoint"],
+            self.files.path(source["path"]),
+            self.files.path(self.files.relative(row["out_id"])),
+            self.files.path(self.files.relative(row["err_id"])),
+            row["expires_at"],
+        )
         run.total = row["total"]
         run.stopping = stopping
         self.dispatcher.add(run)
@@ -267,8 +341,13 @@ class BatchService:
     def _progress(self, run: BatchRun) -> None:
         progress = (run.completed, run.failed, run.tokens_in, run.tokens_out)
         if progress != run.saved:
-            self.store.update_batch(run.batch_id, completed=progress[0], failed=progress[1],
-                                    input_tokens=progress[2], output_tokens=progress[3])
+            self.store.update_batch(
+                run.batch_id,
+                completed=progress[0],
+                failed=progress[1],
+                input_tokens=progress[2],
+                output_tokens=progress[3],
+            )
             run.saved = progress
 
     async def _finished(self, run: BatchRun) -> None:
@@ -282,55 +361,96 @@ class BatchService:
         for file_id, count in ((row["out_id"], run.completed), (row["err_id"], run.failed)):
             relative = self.files.relative(file_id)
             self.files.path(relative).touch()
-            self.store.add_file({"id": file_id, "owner": row["owner"], "purpose": "batch_output",
-                                 "filename": f"{run.batch_id}_{'output' if file_id == row['out_id'] else 'error'}"
-                                 ".jsonl", "bytes": self.files.size(relative), "created_at": stamp,
-                                 "path": relative})
+            self.store.add_file(
+                {
+                    "id": file_id,
+                    "owner": row["owner"],
+                    "purpose": "batch_output",
+                    "filename": f"{run.batch_id}_{'output' if file_id == row['out_id'] else 'error'}.jsonl",
+                    "bytes": self.files.size(relative),
+                    "created_at": stamp,
+                    "path": relative,
+                }
+            )
         end = {None: "completed", "cancelled": "cancelled", "expired": "expired"}[run.stopping]
-        self.store.update_batch(run.batch_id, status=end, **{f"{end}_at": now()},
-                                output_file_id=row["out_id"],
-                                error_file_id=row["err_id"] if run.failed else None)
+        self.store.update_batch(
+            run.batch_id,
+            status=end,
+            **{f"{end}_at": now()},
+            output_file_id=row["out_id"],
+            error_file_id=row["err_id"] if run.failed else None,
+        )
         log.info("batch %s %s: %d completed, %d failed", run.batch_id, end, run.completed, run.failed)
 
     def _object(self, row: dict[str, Any]) -> dict[str, Any]:
         run = self.dispatcher.runs.get(row["id"])
         completed, failed = (run.completed, run.failed) if run else (row["completed"], row["failed"])
-        tokens_in, tokens_out = (run.tokens_in, run.tokens_out) if run else (row["input_tokens"],
-                                                                           row["output_tokens"])
+        tokens_in, tokens_out = (
+            (run.tokens_in, run.tokens_out) if run else (row["input_tokens"], row["output_tokens"])
+        )
         return {
-            "id": row["id"], "object": "batch", "endpoint": row["endpoint"], "errors": row["errors"],
-            "input_file_id": row["input_file_id"], "completion_window": row["completion_window"],
-            "status": row["status"], "output_file_id": row["output_file_id"],
-            "error_file_id": row["error_file_id"], "created_at": row["created_at"],
-            "in_progress_at": row["in_progress_at"], "expires_at": row["expires_at"],
-            "finalizing_at": row["finalizing_at"], "completed_at": row["completed_at"],
-            "failed_at": row["failed_at"], "expired_at": row["expired_at"],
-            "cancelling_at": row["cancelling_at"], "cancelled_at": row["cancelled_at"],
+            "id": row["id"],
+            "object": "batch",
+            "endpoint": row["endpoint"],
+            "errors": row["errors"],
+            "input_file_id": row["input_file_id"],
+            "completion_window": row["completion_window"],
+            "status": row["status"],
+            "output_file_id": row["output_file_id"],
+            "error_file_id": row["error_file_id"],
+            "created_at": row["created_at"],
+            "in_progress_at": row["in_progress_at"],
+            "expires_at": row["expires_at"],
+            "finalizing_at": row["finalizing_at"],
+            "completed_at": row["completed_at"],
+            "failed_at": row["failed_at"],
+            "expired_at": row["expired_at"],
+            "cancelling_at": row["cancelling_at"],
+            "cancelled_at": row["cancelled_at"],
             "request_counts": {"total": row["total"], "completed": completed, "failed": failed},
-            "usage": {"input_tokens": tokens_in, "output_tokens": tokens_out,
-                      "total_tokens": tokens_in + tokens_out},
+            "usage": {
+                "input_tokens": tokens_in,
+                "output_tokens": tokens_out,
+                "total_tokens": tokens_in + tokens_out,
+            },
             "metadata": row["metadata"],
         }
 
 
 def file_object(row: dict[str, Any]) -> dict[str, Any]:
-    return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
-            "filename": row["filename"], "purpose": row["purpose"], "status": "processed",
-            "status_details": None}
+    return {
+        "id": row["id"],
+        "object": "file",
+        "bytes": row["bytes"],
+        "created_at": row["created_at"],
+        "filename": row["filename"],
+        "purpose": row["purpose"],
+        "status": "processed",
+        "status_details": None,
+    }
 
 
 def _window_seconds(window: str) -> int:
     match = WINDOW.match(window or "")
     if not match or int(match.group(1)) <= 0:
-        raise InvalidJobRequest(f"completion_window {window!r} must be a duration such as '24h' (or '30m', "
-                                "'90s').", code="invalid_completion_window", param="completion_window")
+        raise InvalidJobRequest(
+            f"completion_window {window!r} must be a duration such as '24h' (or '30m', '90s').",
+            code="invalid_completion_window",
+            param="completion_window",
+        )
     return int(match.group(1)) * UNITS[match.group(2)]
 
 
 def _check_metadata(metadata: Any) -> None:
     if metadata is None:
         return
-    if (not isinstance(metadata, dict) or len(metadata) > MAX_METADATA_KEYS
-            or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
-        raise InvalidJobRequest(f"metadata must map at most {MAX_METADATA_KEYS} string keys to string values.",
-                                code="invalid_metadata", param="metadata")
+    if (
+        not isinstance(metadata, dict)
+        or len(metadata) > MAX_METADATA_KEYS
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise InvalidJobRequest(
+            f"metadata must map at most {MAX_METADATA_KEYS} string keys to string values.",
+            code="invalid_metadata",
+            param="metadata",
+        )

@@ -89,7 +89,9 @@ class Dispatcher:
                 await asyncio.sleep(NO_WORKER_PAUSE)
                 continue
             except BalancerError as exc:  # the line's model is no longer served by any worker
-                run.record(line, Outcome(exc.status, {"error": {"message": exc.message, "code": exc.code}}, 0))
+                run.record(
+                    line, Outcome(exc.status, {"error": {"message": exc.message, "code": exc.code}}, 0)
+                )
                 continue
             if run.stopping is not None:  # cancelled or expired while this line waited for its slot
                 self._sender.release(backend, True)
@@ -112,8 +114,9 @@ class Dispatcher:
     async def _send(self, run: BatchRun, line: Line, backend: object) -> None:
         try:
             try:
-                outcome = await self._sender.send(run.endpoint, line.body, bulk=True, patient=True,
-                                                  first=backend)  # type: ignore[arg-type]
+                outcome = await self._sender.send(
+                    run.endpoint, line.body, bulk=True, patient=True, first=backend
+                )  # type: ignore[arg-type]
             except BalancerError as exc:
                 outcome = Outcome(exc.status, {"error": {"message": exc.message, "code": exc.code}}, 0)
             except Exception as exc:  # a task's outer edge: the line still gets exactly one result
@@ -125,7 +128,12 @@ class Dispatcher:
             self._maybe_finish(run)
 
     def _maybe_finish(self, run: BatchRun) -> None:
-        if self._closing or run.in_flight or not (run.exhausted or run.stopping) or run.batch_id in self._finishing:
+        if (
+            self._closing
+            or run.in_flight
+            or not (run.exhausted or run.stopping)
+            or run.batch_id in self._finishing
+        ):
             return
         self._finishing.add(run.batch_id)
         task = asyncio.create_task(self._finish(run))

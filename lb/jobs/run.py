@@ -96,10 +96,17 @@ class BatchRun:
         """Append the line's result: a 2xx response to the output file, anything else to the error file."""
         response = None
         if outcome.status is not None:
-            response = {"status_code": outcome.status, "request_id": f"req_{secrets.token_hex(12)}",
-                        "body": outcome.body}
-        record: dict[str, Any] = {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": line.custom_id,
-                                  "response": response, "error": None}
+            response = {
+                "status_code": outcome.status,
+                "request_id": f"req_{secrets.token_hex(12)}",
+                "body": outcome.body,
+            }
+        record: dict[str, Any] = {
+            "id": f"batch_req_{secrets.token_hex(12)}",
+            "custom_id": line.custom_id,
+            "response": response,
+            "error": None,
+        }
         self.done.add(line.custom_id)
         if outcome.ok:
             tokens_in, tokens_out = usage_of(record)
@@ -112,11 +119,17 @@ class BatchRun:
 
     def expire(self, line: Line) -> None:
         self.done.add(line.custom_id)
-        self.errors.append({
-            "id": f"batch_req_{secrets.token_hex(12)}", "custom_id": line.custom_id, "response": None,
-            "error": {"code": "batch_expired",
-                      "message": "This line was not run before the batch's completion window ended."},
-        })
+        self.errors.append(
+            {
+                "id": f"batch_req_{secrets.token_hex(12)}",
+                "custom_id": line.custom_id,
+                "response": None,
+                "error": {
+                    "code": "batch_expired",
+                    "message": "This line was not run before the batch's completion window ended.",
+                },
+            }
+        )
 
     def flush(self) -> None:
         self.output.flush()
@@ -131,10 +144,14 @@ class BatchRun:
 
 def _error_of(outcome: Outcome) -> dict[str, Any]:
     if outcome.status is None:
-        return {"code": outcome.body.get("code", "worker_failed"),
-                "message": f"{outcome.body.get('message')} (after {outcome.attempts} attempts)"}
+        return {
+            "code": outcome.body.get("code", "worker_failed"),
+            "message": f"{outcome.body.get('message')} (after {outcome.attempts} attempts)",
+        }
     inner = outcome.body.get("error") if isinstance(outcome.body, dict) else None
     message = inner.get("message") if isinstance(inner, dict) else None
     code = inner.get("code") if isinstance(inner, dict) else None
-    return {"code": code or f"http_{outcome.status}",
-            "message": message or f"The worker answered {outcome.status}."}
+    return {
+        "code": code or f"http_{outcome.status}",
+        "message": message or f"The worker answered {outcome.status}.",
+    }

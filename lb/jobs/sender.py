@@ -65,7 +65,9 @@ class Sender:
         """Routable backends serving `model`; raises ModelNotFound when no backend ever served it."""
         return self._router.candidates(model, self._pool.routable)
 
-    async def acquire(self, model: str | None, exclude: frozenset[int], *, bulk: bool, patient: bool) -> Backend:
+    async def acquire(
+        self, model: str | None, exclude: frozenset[int], *, bulk: bool, patient: bool
+    ) -> Backend:
         """An admitted backend, already counted in flight: the caller must `self.release(backend, bulk)`."""
         router, pool = self._router, self._pool
         backend = await self._admission.choose(
@@ -106,14 +108,20 @@ class Sender:
             retryable = outcome.status is None or outcome.status == 429 or outcome.status >= 500
             if not retryable or attempt >= self.retries:
                 return outcome
-            log.info("retrying %s on another worker: worker %d gave %s", path, backend.index,
-                     outcome.status or outcome.body.get("message"))
+            log.info(
+                "retrying %s on another worker: worker %d gave %s",
+                path,
+                backend.index,
+                outcome.status or outcome.body.get("message"),
+            )
             self._metrics.retried(backend)
             tried.add(backend.index)
             attempt += 1
             backend = None
 
-    async def _acquire_untried(self, model: str | None, tried: set[int], *, bulk: bool, patient: bool) -> Backend:
+    async def _acquire_untried(
+        self, model: str | None, tried: set[int], *, bulk: bool, patient: bool
+    ) -> Backend:
         """Another worker than those tried; the same one again (after a pause) when it is the only one left."""
         while True:
             try:
@@ -121,8 +129,9 @@ class Sender:
                 untried = any(b.index not in tried for b in current)
                 if not untried:
                     await asyncio.sleep(RETRY_PAUSE)
-                return await self.acquire(model, frozenset(tried) if untried else frozenset(),
-                                          bulk=bulk, patient=patient)
+                return await self.acquire(
+                    model, frozenset(tried) if untried else frozenset(), bulk=bulk, patient=patient
+                )
             except NoHealthyBackend:
                 if not patient:
                     raise
@@ -163,4 +172,6 @@ class Sender:
 
 def refusal(exc: BalancerError) -> tuple[int, dict[str, Any]]:
     """An admission refusal as (status, OpenAI error body), for callers that answer with a tuple."""
-    return exc.status, {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+    return exc.status, {
+        "error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+    }

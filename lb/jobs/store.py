@@ -101,8 +101,14 @@ class JobStore:
         return _batch_row(found) if found else None
 
     def batches(self, owner: str | None, after: str | None, limit: int) -> list[dict[str, Any]]:
-        sql, args = self._page("SELECT * FROM jobs_batches WHERE owner IS ?", [owner], "jobs_batches",
-                               after, limit, newest_first=True)
+        sql, args = self._page(
+            "SELECT * FROM jobs_batches WHERE owner IS ?",
+            [owner],
+            "jobs_batches",
+            after,
+            limit,
+            newest_first=True,
+        )
         return [_batch_row(r) for r in self.db.execute(sql, args)]
 
     def unfinished(self) -> Iterator[dict[str, Any]]:

@@ -44,7 +44,9 @@ def validate_file(
     no worker announces its models (then any model is accepted)."""
     size = path.stat().st_size
     if size > limits.max_file_size:
-        return 0, [error("file_too_large", f"The file has {size} bytes; the limit is {limits.max_file_size}.")]
+        return 0, [
+            error("file_too_large", f"The file has {size} bytes; the limit is {limits.max_file_size}.")
+        ]
     errors: list[LineError] = []
     seen: set[str] = set()
     count = 0
@@ -56,16 +58,28 @@ def validate_file(
                 break
             number += 1
             if len(raw) > limits.max_line_size + 1 or (len(raw) > limits.max_line_size and raw[-1:] != b"\n"):
-                errors.append(error("line_too_large", f"Line {number} is longer than "
-                                    f"{limits.max_line_size} bytes.", None, number))
+                errors.append(
+                    error(
+                        "line_too_large",
+                        f"Line {number} is longer than {limits.max_line_size} bytes.",
+                        None,
+                        number,
+                    )
+                )
                 _skip_rest(lines, raw)
                 continue
             if not raw.strip():
                 continue
             count += 1
             if count > limits.max_lines:
-                errors.append(error("too_many_lines", f"The file has more than {limits.max_lines} requests "
-                                    "(--batch-max-lines).", None, number))
+                errors.append(
+                    error(
+                        "too_many_lines",
+                        f"The file has more than {limits.max_lines} requests (--batch-max-lines).",
+                        None,
+                        number,
+                    )
+                )
                 break
             problem = check_line(raw, number, endpoint, served, seen)
             if problem is not None:
@@ -86,27 +100,41 @@ def check_line(
         return error("invalid_line", f"Line {number} is not a JSON object.", None, number)
     custom_id = item.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
-        return error("missing_custom_id", f"Line {number}: 'custom_id' must be a non-empty string.",
-                     "custom_id", number)
+        return error(
+            "missing_custom_id",
+            f"Line {number}: 'custom_id' must be a non-empty string.",
+            "custom_id",
+            number,
+        )
     if custom_id in seen:
-        return error("duplicate_custom_id", f"Line {number}: custom_id {custom_id!r} appears more than once.",
-                     "custom_id", number)
+        return error(
+            "duplicate_custom_id",
+            f"Line {number}: custom_id {custom_id!r} appears more than once.",
+            "custom_id",
+            number,
+        )
     seen.add(custom_id)
     if item.get("method") != "POST":
         return error("invalid_method", f"Line {number}: 'method' must be \"POST\".", "method", number)
     if item.get("url") != endpoint:
-        return error("mismatched_url", f"Line {number}: 'url' is {item.get('url')!r} but the batch's endpoint "
-                     f"is {endpoint!r}.", "url", number)
+        return error(
+            "mismatched_url",
+            f"Line {number}: 'url' is {item.get('url')!r} but the batch's endpoint is {endpoint!r}.",
+            "url",
+            number,
+        )
     body = item.get("body")
     if not isinstance(body, dict):
         return error("invalid_body", f"Line {number}: 'body' must be a JSON object.", "body", number)
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        return error("missing_model", f"Line {number}: 'body.model' must be a non-empty string.",
-                     "body.model", number)
+        return error(
+            "missing_model", f"Line {number}: 'body.model' must be a non-empty string.", "body.model", number
+        )
     if served is not None and normalise(model) not in served:
-        return error("model_not_found", f"Line {number}: no worker serves the model {model!r}.",
-                     "body.model", number)
+        return error(
+            "model_not_found", f"Line {number}: no worker serves the model {model!r}.", "body.model", number
+        )
     return None
 
 
