@@ -60,13 +60,8 @@ class Admin:
 
     async def remove_worker(self, request: web.Request) -> web.Response:
         check_admin(request, self._token)
-        try:
-            index = int(request.match_info["index"])
-        except ValueError:
-            raise BadRequest("The worker index must be an integer.", param="index") from None
-        backend = self._pool.get(index)
-        if backend is None:
-            raise NotFound(f"No worker with index {index}.", param="index")
+        backend = self._backend(request)
+        index = backend.index
         drained = await self.drain(backend)
         self._pool.remove(backend)
         log.info(
@@ -74,6 +69,29 @@ class Admin:
         )
         body = backend_stats(backend) | {"drained": drained}
         return web.json_response(body)
+
+    async def set_draining(self, request: web.Request, draining: bool) -> web.Response:
+        """POST /workers/{index}/drain or /readmit: stop or resume routing new requests to a worker that
+        stays in the pool (its in-flight requests finish either way)."""
+        check_admin(request, self._token)
+        backend = self._backend(request)
+        if backend.draining != draining:
+            backend.draining = draining
+            self._pool.changed()
+            log.info(
+                "backend %d %s %s", backend.index, backend.url, "draining" if draining else "re-admitted"
+            )
+        return web.json_response(backend_stats(backend))
+
+    def _backend(self, request: web.Request) -> Backend:
+        try:
+            index = int(request.match_info["index"])
+        except ValueError:
+            raise BadRequest("The worker index must be an integer.", param="index") from None
+        backend = self._pool.get(index)
+        if backend is None:
+            raise NotFound(f"No worker with index {index}.", param="index")
+        return backend
 
     async def drain(self, backend: Backend) -> bool:
         """Stop routing to `backend` and wait until its in-flight requests end; False on --drain-timeout."""

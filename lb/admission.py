@@ -129,7 +129,11 @@ class Admission:
         return await self._wait(candidates, exclude, bulk, None if patient else self.queue_timeout)
 
     async def _wait(
-        self, candidates: Candidates, exclude: frozenset[int], bulk: bool, timeout: float | None
+        self,
+        candidates: Candidates,
+        exclude: frozenset[int],
+        bulk: bool,
+        timeout: float | None,  # noqa: ASYNC109
     ) -> Backend:
         future: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(candidates, exclude, future, bulk, patient=timeout is None)

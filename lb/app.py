@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from lb import api_models, api_solve, api_status
+from lb import api_cluster, api_models, api_solve, api_status, logs
 from lb.admin import Admin
 from lb.admission import Admission
 from lb.aiohttp_server import json_http_errors
@@ -23,10 +23,12 @@ from lb.jobs.batches import BatchService
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
 from lb.policies import POLICIES
+from lb.progress import running_work
 from lb.proxy import Proxy
 from lb.registry import Registry
 from lb.rollout import Switcher
 from lb.state import STATE, BalancerState
+from lb.telemetry import TelemetryGatherer
 from lb.upstream import UpstreamClient
 
 log = logging.getLogger("lb")
@@ -74,12 +76,15 @@ def create_app(config: BalancerConfig) -> web.Application:
     metrics = Metrics(pool, lambda: admission.depth)
     admission.on_wait = metrics.queue_wait.observe
     app[STATE] = BalancerState(config, pool, ModelRouter(pool), admission, metrics)
+    app[STATE].log_files = config.log_files()
     app.cleanup_ctx.append(_client_and_checker)
     api_status.add_routes(app)
     api_files.add_routes(app)
     api_batches.add_routes(app)
     api_jobs.add_routes(app)  # also starts the job runner, after the start-up steps above
     api_solve.add_routes(app)
+    api_cluster.add_routes(app)
+    logs.add_routes(app)
     api_models.add_routes(app)
     api_status.add_catch_all(app)  # last: it matches every path
     return app
@@ -119,12 +124,24 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
         config, state.pool, state.router, state.admission, state.health, state.metrics, client
     )
     await state.batches.start()
+    # 6. the telemetry gatherer behind /cluster and the dashboard: background reads, never on a request
+    state.telemetry = TelemetryGatherer(
+        state.pool,
+        state.session,
+        state.metrics.recent,
+        lambda: state.admission.depth,
+        interval=config.telemetry_interval,
+        timeout=min(config.telemetry_interval, config.health_check_timeout),
+        work=lambda: running_work(state),
+    )
+    telemetry = asyncio.create_task(state.telemetry.run(), name="lb-telemetry")
     yield
     await state.batches.stop()  # lines in flight are sent again after a restart
     if state.switcher.task is not None:  # a switch cut short leaves each worker serving a whole model
         state.switcher.task.cancel()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for background in (telemetry, task):
+        background.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await background
     client.close()
     await state.session.close()

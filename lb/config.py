@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 from lb.settings import ConfigError, load_config, setting
@@ -130,6 +131,23 @@ class BalancerConfig:
         900.0, "seconds one worker may take to load a checkpoint during POST /models/set_active"
     )
     log_level: str = setting("info", "logging level", choices=LOG_LEVELS)
+    telemetry_interval: float = setting(
+        2.0,
+        "seconds between background reads of each worker's /metrics, /gpu and /system for /cluster and the "
+        "dashboard (each read times out after at most this long)",
+    )
+    log_file: tuple[str, ...] = setting(
+        (),
+        "a log GET /logs/NAME may show, as NAME=PATH (repeatable; the launcher passes balancer=... and "
+        "worker-N=...); only these files can be read",
+        metavar="NAME=PATH",
+    )
+    otlp_endpoint: str | None = setting(
+        None,
+        "OpenTelemetry collector (OTLP/HTTP, e.g. http://collector:4318) to export one span per proxied "
+        "request to; needs the opentelemetry packages, which are imported only when this is set",
+        metavar="URL",
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -147,6 +165,7 @@ class BalancerConfig:
             "header_timeout",
             "body_timeout",
             "keepalive_timeout",
+            "telemetry_interval",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0")
@@ -173,6 +192,7 @@ class BalancerConfig:
         self.worker_urls()  # unreadable --workers-file / --api-key-file: fail at load, naming the key
         self.api_keys()
         self.admin_secret()
+        self.log_files()
 
     def worker_urls(self) -> list[str]:
         """--workers followed by the lines of --workers-file, normalised, without duplicates."""
@@ -203,6 +223,20 @@ class BalancerConfig:
                 raise ConfigError(f"admin_token_file: {self.admin_token_file} holds no token")
             return lines[0]
         return None
+
+    def log_files(self) -> dict[str, str]:
+        """--log-file NAME=PATH entries as a table (names of letters, digits, '-', '_', '.')."""
+        table: dict[str, str] = {}
+        for entry in self.log_file:
+            name, sep, path = entry.partition("=")
+            name, path = name.strip(), path.strip()
+            if not sep or not _LOG_NAME.match(name) or not path:
+                raise ConfigError(f"log_file: {entry!r} is not NAME=PATH (NAME of letters, digits, - _ .)")
+            table[name] = path
+        return table
+
+
+_LOG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def _check_url(key: str, url: str) -> str:

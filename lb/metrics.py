@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from lb.backends import Backend, BackendPool
+from lb.latency import RecentRequests
 
 # seconds, for latency, time to first byte and queue wait
 LATENCY_BUCKETS = (5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120, 300)
@@ -65,11 +66,13 @@ class Metrics:
         self.retries: dict[int, int] = {}  # backend index -> attempts retried elsewhere
         self.stream_failures = 0
         self.client_disconnects = 0
+        self.recent = RecentRequests()  # the dashboard's recent rates and percentiles
         self.registry.register(_PoolCollector(pool, queue_depth, self))
 
     def observe(self, backend: Backend, status: int, ttfb: float, total: float) -> None:
         self.ttfb.observe(ttfb)
         self.latency.observe(total)
+        self.recent.record(backend.index, ttfb, total, status)
 
     def rejected(self, status: int) -> None:
         self.rejections[status] = self.rejections.get(status, 0) + 1

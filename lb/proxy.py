@@ -36,6 +36,7 @@ from lb.http11 import worker_headers
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter, rewrite_model, served_name
 from lb.request_body import model_of, read_body
+from lb.tracing import request_id
 from lb.upstream import UpstreamClient, UpstreamError, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger("lb.proxy")
@@ -179,6 +180,9 @@ class Proxy:
         retries = 0
         headers = self.worker_headers(exchange)
         bulk = is_bulk(exchange.raw_headers)  # the client stepped aside: it waits behind interactive traffic
+        rid = request_id(exchange.raw_headers)  # one id for every attempt, the client's when it sent one
+        if not rid[1]:
+            headers.append((b"X-Request-ID", rid[0]))
         while True:
             backend = await self._admission.choose(current, tried, bulk=bulk)
             can_retry = (
@@ -195,7 +199,9 @@ class Proxy:
             ):
                 sent = rewrite_model(body, served_name(backend, model))  # matched by normalised name
             async with pool.track(backend, bulk):
-                outcome = await self._attempt(exchange, backend, headers, sent, retries, can_retry, started)
+                outcome = await self._attempt(
+                    exchange, backend, headers, sent, retries, can_retry, started, rid[0]
+                )
             if not isinstance(outcome, _Retry):
                 return outcome
             log.info("retrying on another backend: backend %d %s", backend.index, outcome.reason)
@@ -212,6 +218,7 @@ class Proxy:
         retries: int,
         can_retry: bool,
         started: float,
+        rid: bytes,
     ) -> Reply | _Retry:
         self._metrics.overhead.observe(time.perf_counter() - started)
         try:
@@ -236,7 +243,7 @@ class Proxy:
                 return _Retry(str(exc))
             raise UpstreamFailed(f"Worker {backend.index} failed: {exc}") from None
         try:
-            return await self._relay(exchange, backend, upstream, retries, can_retry, started)
+            return await self._relay(exchange, backend, upstream, retries, can_retry, started, rid)
         finally:
             upstream.release()  # back to the pool if read to the end, else closed (the worker stops)
 
@@ -248,13 +255,18 @@ class Proxy:
         retries: int,
         can_retry: bool,
         started: float,
+        rid: bytes,
     ) -> Reply | _Retry:
         status = upstream.status
         if status in RETRY_STATUSES and can_retry:
             backend.errors += status != 429
             return _Retry(f"answered {status}")
         ttfb = time.perf_counter()
-        extra = [("X-LB-Worker", backend.label), ("X-LB-Retries", str(retries))]
+        extra = [
+            ("X-LB-Worker", backend.label),
+            ("X-LB-Retries", str(retries)),
+            ("X-Request-ID", rid.decode("latin-1")),
+        ]
         length = upstream.content_length
         is_sse = upstream.content_type.startswith("text/event-stream")
         if length is not None and length <= RESPONSE_BUFFER_LIMIT and not is_sse:

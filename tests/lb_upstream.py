@@ -30,6 +30,7 @@ class Upstream:
         self.cancelled = 0  # streams whose client (the balancer) went away before the end
         self.finished = 0
         self.bodies: list[bytes] = []
+        self.headers: list[dict[str, str]] = []  # each generation request's headers, as received
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> Upstream:
@@ -58,6 +59,7 @@ class Upstream:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         self.bodies.append(raw)
+        self.headers.append(dict(request.headers))
         self.requests += 1
         if self.status != 200:
             return web.json_response(

@@ -160,6 +160,7 @@ async def test_stats_and_metrics_shape(upstreams: Any, balancer: Any, http: aioh
         "index",
         "url",
         "healthy",
+        "draining",
         "requests_served",
         "errors",
         "in_flight",

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from workers import api_admin, api_info, api_native, api_openai, api_status
+from workers import api_admin, api_info, api_native, api_openai, api_status, api_telemetry
 from workers.batcher import DynamicBatcher
 from workers.config import WorkerConfig
 from workers.engines import create_engine
@@ -66,6 +66,7 @@ def create_app(config: WorkerConfig, engine: Engine) -> web.Application:
     app.router.add_post("/v1/completions", api_openai.completions)
     app.router.add_post("/v1/chat/completions", api_openai.chat_completions)
     app.router.add_post("/generate", api_native.generate)
+    api_telemetry.add_routes(app)
     app.router.add_post("/admin/load", api_admin.load)
     app.router.add_get("/admin/load", api_admin.latest)
     app.router.add_get("/version", api_info.version)

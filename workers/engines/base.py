@@ -16,8 +16,40 @@ from typing import Literal, Protocol
 FinishReason = Literal["stop", "length"]
 
 
+DIFFUSION_ALGORITHMS = ("low_confidence", "random", "threshold")  # how a diffusion step picks what to commit
+
+
 class PromptTooLongError(ValueError):
     """The prompt (plus the requested new tokens) does not fit in the model's context."""
+
+
+class BadEngineParameter(ValueError):
+    """A request's setting this engine cannot honour; `field` names it in the 400 answer."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class DiffusionParams:
+    """A request's overrides of the dllm engine's settings (extra body fields); None = the worker's default.
+
+    The generated length itself is `SamplingParams.max_new_tokens` (`max_tokens`, or `gen_length` when the
+    request names it: then `gen_length` records that, so errors name the field the client sent).
+    """
+
+    gen_length: int | None = None
+    block_length: int | None = None
+    steps: int | None = None
+    algorithm: str | None = None
+    threshold: float | None = None
+    cfg_scale: float | None = None
+
+    @property
+    def given(self) -> list[str]:
+        """The fields the request set, by name."""
+        return [name for name, value in vars(self).items() if value is not None]
 
 
 @dataclass(frozen=True)
@@ -32,6 +64,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    diffusion: DiffusionParams = DiffusionParams()
 
     @property
     def is_greedy(self) -> bool:
@@ -76,6 +109,7 @@ class EngineInfo:
     model: str  # the served model name
     device: str  # "cpu", "cuda:0", ...
     max_model_len: int
+    default_max_tokens: int | None = None  # generated when a request names none; None = up to the context
 
 
 class Engine(Protocol):
@@ -91,7 +125,8 @@ class Engine(Protocol):
         """Turn OpenAI chat messages (text content only) into the prompt text the model expects."""
 
     def prepare(self, request: EngineRequest) -> None:
-        """Tokenise the prompt into `request.prompt_token_ids`; raise PromptTooLongError if it cannot fit.
+        """Tokenise the prompt into `request.prompt_token_ids`; raise PromptTooLongError if it cannot fit,
+        BadEngineParameter for a setting this engine cannot honour.
 
         Runs on the batcher's prepare thread, concurrently with `step` on the engine thread."""
 
