@@ -73,15 +73,22 @@ def test_bad_load_requests_are_refused_before_anything_stops(worker: Worker) -> 
     assert worker.get_json("/health")[0] == 200
 
 
-def test_a_second_load_while_one_runs_is_a_conflict(worker: Worker) -> None:
-    status, first = post(worker, "/admin/load", {"model_path": "/m/a", "served_model_name": "a"}, TOKEN)
-    assert status == 202 and first["state"] == "loading"
-    status, body = post(worker, "/admin/load", {"model_path": "/m/b", "served_model_name": "b"}, TOKEN)
+async def test_a_second_load_while_one_runs_is_a_conflict(worker: Worker) -> None:
+    async with AsyncOpenAI(base_url=worker.url + "/v1", api_key="x", max_retries=0, timeout=60) as sdk:
+        model = worker.get_json("/health")[1]["model"]
+        running = asyncio.create_task(sdk.completions.create(  # keeps the first swap draining for ~2 s
+            model=model, prompt="a long one", max_tokens=40, extra_body={"ignore_eos": True}))
+        await asyncio.sleep(0.3)
+        to_a = {"model_path": "/m/a", "served_model_name": "a"}
+        status, first = await asyncio.to_thread(post, worker, "/admin/load", to_a, TOKEN)
+        assert status == 202 and first["state"] == "loading"
+        status, body = await asyncio.to_thread(post, worker, "/admin/load", {"model_path": "/m/b"}, TOKEN)
+        await running
     assert status == 409 and body["error"]["code"] == "swap_in_progress"
     deadline = time.monotonic() + 30
     while worker.get_json("/health")[1].get("model") != "a":
         assert time.monotonic() < deadline
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
 
 
 async def test_a_request_longer_than_the_drain_timeout_is_cut_off(tmp_path: Path) -> None:
