@@ -22,7 +22,7 @@ from lb.jobs import api_batches, api_files, api_jobs
 from lb.jobs.batches import BatchService
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
-from lb.policies import POLICIES
+from lb.policies import POLICIES, Tuning
 from lb.progress import running_work
 from lb.proxy import Proxy
 from lb.registry import Registry
@@ -63,11 +63,11 @@ def create_app(config: BalancerConfig) -> web.Application:
         },
     )
     pool = BackendPool()
-    for url in config.worker_urls():
-        pool.add(url)
+    for url, weight in config.worker_specs():
+        pool.add(url, weight=weight)
     admission = Admission(
         pool,
-        POLICIES[config.policy](),
+        POLICIES[config.policy](Tuning(affinity_max_load=config.affinity_max_load)),
         config.max_inflight_per_worker,
         config.max_queue,
         config.queue_timeout,

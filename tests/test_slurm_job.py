@@ -274,8 +274,9 @@ def test_a_job_whose_workers_cannot_start_fails_the_wait_with_their_error(
     assert "ended before it was ready" in result.stderr and "launcher exited with 1" in result.stderr
 
 
-@pytest.mark.skipif(not os.environ.get("IB_SLOW_TESTS"), reason="~95 s (SLURM's time limit has minute "
-                    "granularity and is checked every 30 s); set IB_SLOW_TESTS=1 to run")
+@pytest.mark.skipif(not (os.environ.get("IB_SLOW_TESTS") or os.environ.get("CI") == "true"),
+                    reason="~95 s (SLURM's time limit has minute granularity and is checked every 30 s); "
+                    "runs with CI=true or IB_SLOW_TESTS=1")
 def test_time_limit_stops_the_job_like_scancel(slurm: SlurmCluster, tmp_path: Path) -> None:
     job = submit(slurm, tmp_path / "jobs", "--gpus", "2", "--engine", "fake", "--time", "1")
     before = _job_processes(job)
