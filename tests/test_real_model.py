@@ -53,8 +53,10 @@ def balancer_url(
     sources = [["--model-path", str(smollm2_dir)],
                ["--model-path", str(gguf_dir), "--gguf-file", GGUF_FILE, "--served-model-name", GGUF_NAME]]
     common = ["--engine", "hf", "--device", "cpu", "--max-model-len", "1024"]
-    workers = [ManagedProcess(python_module("workers", *common, *source, "--port", str(port)), logs / f"{port}.log")
-               for port, source in zip(ports, sources, strict=True)]
+    workers = []
+    for port, source in zip(ports, sources, strict=True):
+        argv = python_module("workers", *common, *source, "--port", str(port))
+        workers.append(ManagedProcess(argv, logs / f"worker-{port}.log"))
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     lb_port = free_port()
     lb = ManagedProcess(python_module(
