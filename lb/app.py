@@ -119,6 +119,7 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
     # 4. a first probe of every worker, so those already up take traffic from the first request
     await state.health.check_all()
     task = asyncio.create_task(state.health.run(), name="lb-health")
+    expiry = asyncio.create_task(client.expire_idle(), name="lb-upstream-idle")
     # 5. batches: resume the unfinished ones in --data-dir, then dispatch (workers' models are known now)
     state.batches = BatchService(
         config, state.pool, state.router, state.admission, state.health, state.metrics, client
@@ -139,7 +140,7 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
     await state.batches.stop()  # lines in flight are sent again after a restart
     if state.switcher.task is not None:  # a switch cut short leaves each worker serving a whole model
         state.switcher.task.cancel()
-    for background in (telemetry, task):
+    for background in (telemetry, task, expiry):
         background.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await background

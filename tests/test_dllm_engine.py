@@ -210,3 +210,22 @@ def test_a_length_beyond_the_context_from_max_tokens_is_a_context_error(engine: 
 def test_default_block_length_is_the_largest_divisor_of_the_length(engine: DllmEngine) -> None:
     outcome = alone(engine, PROMPTS[1], params(12))  # default block_length 8 does not divide 12: blocks of 6
     assert outcome.events == 2 and outcome.tokens == 12
+
+
+def test_suspended_canvases_resume_where_they_stopped(engine: DllmEngine) -> None:
+    requests = [EngineRequest(f"r{i}", p, params(16, block_length=4)) for i, p in enumerate(PROMPTS[:3])]
+    singles = [alone(engine, r.prompt, r.params).token_ids for r in requests]
+    for request in requests:
+        engine.prepare(request)
+    engine.add(requests)
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    for step in range(1, 200):
+        if step == 3:
+            engine.suspend(["r1", "r2"])  # an out-of-memory split: two rows wait with what they committed
+        if step == 9:
+            engine.add(requests[1:])
+        for event in engine.step():
+            tokens[event.request_id] += event.token_ids
+        if not engine.num_running and step > 9:
+            break
+    assert [tokens[r.request_id] for r in requests] == singles

@@ -124,6 +124,7 @@ async def _start(state: WorkerState, config: WorkerConfig, engine: Engine) -> No
     state.config = config
     state.metrics.model = config.model_name
     state.metrics.track_load(lambda: batcher.queue_depth, lambda: batcher.running)
+    state.metrics.track_cap(batcher.cap.current)
 
 
 def new_config(current: WorkerConfig, body: Any) -> WorkerConfig:

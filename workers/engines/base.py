@@ -2,9 +2,10 @@
 
 The batcher (workers/batcher.py) owns the loop, as nano-vllm's `LLMEngine.step` does: it admits queued
 requests (`Engine.add`), advances every running row by one step (`Engine.step`), delivers each step's
-`TokenEvent`s and retires finished rows; a cancelled request leaves through `Engine.abort` before the next
-step, so it costs no more compute. All of it runs on the batcher's engine thread. Each request keeps its own
-sampling parameters and stop rules; tokenisation, chat templates and padding live inside the engine.
+`TokenEvent`s and retires finished rows (`Engine.suspend` sets rows aside when a step ran out of memory); a
+cancelled request leaves through `Engine.abort` before the next step, so it costs no more compute. All of it
+runs on the batcher's engine thread. Each request keeps its own sampling parameters and stop rules;
+tokenisation, chat templates and padding live inside the engine.
 """
 
 from __future__ import annotations
@@ -149,7 +150,23 @@ class Engine(Protocol):
         the request leaves the engine. Raises on failure (the batcher fails the requests it holds)."""
 
     def abort(self, request_ids: Iterable[str]) -> None:
-        """Drop these requests (cancelled, or failed) at once; unknown ids are ignored."""
+        """Drop these requests (cancelled, or failed) at once, suspended ones too; unknown ids are ignored."""
+
+    def suspend(self, request_ids: Iterable[str]) -> None:
+        """Take these requests out of the running ones but keep what they generated: `add` of the same
+        requests later resumes them where they stopped (the batcher shrinks a batch that ran out of memory).
+
+        A step that raised (out of memory) must leave the engine able to step again: what each request had
+        generated stays, and events it made before failing come out of the next step.
+        """
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An out-of-memory failure of a step (torch.OutOfMemoryError, its CUDA alias, a RuntimeError saying
+    so, MemoryError), recognised without importing torch: the batcher can split the batch and retry."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 def run_to_completion(engine: Engine, requests: list[EngineRequest]) -> Iterator[list[TokenEvent]]:

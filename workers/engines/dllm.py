@@ -68,6 +68,8 @@ class DllmEngine:
         self._start_id = 0
         self._takes_positions = False  # whether the model's forward accepts position_ids (LLaDA's does not)
         self._canvases: list[Canvas] = []
+        self._suspended: dict[str, Canvas] = {}  # set aside by `suspend`, resumed by `add`
+        self._undelivered: list[TokenEvent] = []  # made by a step that then failed; the next one returns them
 
     @property
     def info(self) -> EngineInfo:
@@ -138,6 +140,9 @@ class DllmEngine:
 
     def add(self, requests: list[EngineRequest]) -> None:
         for request in requests:
+            if request.request_id in self._suspended:
+                self._canvases.append(self._suspended.pop(request.request_id))
+                continue
             if not request.prompt_token_ids:
                 self.prepare(request)
             plan = plan_for(request.params, self.defaults)
@@ -147,18 +152,37 @@ class DllmEngine:
     def abort(self, request_ids: Iterable[str]) -> None:
         gone = set(request_ids)
         self._canvases = [c for c in self._canvases if c.request_id not in gone]
+        for request_id in gone:
+            self._suspended.pop(request_id, None)
+
+    def suspend(self, request_ids: Iterable[str]) -> None:
+        """Set canvases aside as they are (no cache to rebuild): `add` puts them back."""
+        aside = set(request_ids)
+        self._suspended.update((c.request_id, c) for c in self._canvases if c.request_id in aside)
+        self._canvases = [c for c in self._canvases if c.request_id not in aside]
 
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         """One denoising step for every canvas; events for the blocks it completed."""
+        events, self._undelivered = self._undelivered, []
+        try:
+            self._denoise_all(events)
+        except BaseException:  # out of memory, typically: the events made so far come out of the next step
+            self._undelivered = events
+            raise
+        finally:
+            finished = {e.request_id for e in events if e.finished}
+            self._canvases = [c for c in self._canvases if c.request_id not in finished]
+        return events
+
+    def _denoise_all(self, events: list[TokenEvent]) -> None:
         canvases = self._canvases
         if not canvases:
-            return []
+            return
         guided = [c for c in canvases if c.plan.cfg_scale > 0]
         unconditional_row = {id(c): len(canvases) + k for k, c in enumerate(guided)}
         rows = [c.tokens for c in canvases] + [c.unconditional() for c in guided]
         logits, offsets = self._forward(rows)  # logits [R, S, V]; offsets: each row's left padding
-        events: list[TokenEvent] = []
         for i, canvas in enumerate(canvases):
             start, end = canvas.block_span
             block_logits = logits[i, offsets[i] + start : offsets[i] + end]
@@ -169,10 +193,6 @@ class DllmEngine:
             event = canvas.denoise(block_logits)
             if event is not None:
                 events.append(event)
-        finished = {e.request_id for e in events if e.finished}
-        if finished:
-            self._canvases = [c for c in self._canvases if c.request_id not in finished]
-        return events
 
     def _forward(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
         """The model over rows (canvases of different lengths) left-padded into one batch [R, S]."""
