@@ -14,9 +14,11 @@ from lb import api_cluster, api_models, api_solve, api_status, logs
 from lb.admin import Admin
 from lb.admission import Admission
 from lb.aiohttp_server import json_http_errors
+from lb.autoscale import Autoscaler
 from lb.backends import BackendPool
 from lb.config import BalancerConfig
 from lb.datastore import connect
+from lb.discovery import Discovery, parse_ranges
 from lb.health import HealthChecker
 from lb.jobs import api_batches, api_files, api_jobs
 from lb.jobs.batches import BatchService
@@ -136,13 +138,42 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
         work=lambda: running_work(state),
     )
     telemetry = asyncio.create_task(state.telemetry.run(), name="lb-telemetry")
+    background = [expiry, task, telemetry]
+    # 7. --discover: scan port ranges for workers in the background (a thread sweeps, the loop probes)
+    if config.discover:
+        discovery = Discovery(
+            state.pool,
+            state.health,
+            parse_ranges(config.discover, config.discover_skip_ports),
+            interval=config.discover_interval,
+            timeout=config.health_check_timeout,
+            own=(config.host, config.port),
+        )
+        background.append(asyncio.create_task(discovery.run(), name="lb-discovery"))
+    # 8. --scale-command: ask for more or fewer workers when the queue stays long or empty
+    if config.scale_command:
+        admission = state.admission
+        autoscaler = Autoscaler(
+            config.scale_command,
+            state.pool,
+            lambda: admission.depth + admission.bulk_depth,
+            state.metrics,
+            minimum=config.scale_min,
+            maximum=config.scale_max,
+            up_queue=config.scale_up_queue,
+            down_queue=config.scale_down_queue,
+            window=config.scale_window,
+            cooldown=config.scale_cooldown,
+            cap=config.max_inflight_per_worker,
+        )
+        background.append(asyncio.create_task(autoscaler.run(), name="lb-autoscale"))
     yield
     await state.batches.stop()  # lines in flight are sent again after a restart
     if state.switcher.task is not None:  # a switch cut short leaves each worker serving a whole model
         state.switcher.task.cancel()
-    for background in (telemetry, task, expiry):
-        background.cancel()
+    for job in reversed(background):
+        job.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await background
+            await job
     client.close()
     await state.session.close()
