@@ -43,6 +43,9 @@ class Admin:
         url = payload.get("url") if isinstance(payload, dict) else None
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise BadRequest("'url' must be an http(s) URL.", param="url")
+        weight = payload.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight <= 1000:
+            raise BadRequest("'weight' must be a number > 0 and <= 1000.", param="weight")
         url = url.rstrip("/")
         existing = self._pool.find_url(url)
         if existing is not None and not existing.draining:
@@ -51,11 +54,17 @@ class Admin:
             models = await self._health.probe(url)
         except ProbeFailed as exc:
             raise WorkerUnreachable(f"Not added: {exc}", param="url") from None
-        backend = self._pool.add(url, models)
+        backend = self._pool.add(url, models, float(weight))
         backend.ever_healthy = True
         backend.consecutive_successes = 1
         self._pool.set_health(backend, True)
-        log.info("backend %d %s added (models: %s)", backend.index, url, ", ".join(sorted(models)) or "?")
+        log.info(
+            "backend %d %s added (weight %g, models: %s)",
+            backend.index,
+            url,
+            backend.weight,
+            ", ".join(sorted(models)) or "?",
+        )
         return web.json_response(backend_stats(backend), status=201)
 
     async def remove_worker(self, request: web.Request) -> web.Response:

@@ -20,8 +20,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from lb.backends import Backend, BackendPool
-from lb.errors import NoHealthyBackend, QueueFull
+from lb.errors import QueueFull
 from lb.policies import Policy
+from lb.work import PLAIN, Work
 
 Candidates = Callable[[], Sequence[Backend]]  # re-evaluated at each grant: health can change while waiting
 PRIORITY_HEADER = b"x-lb-priority"  # `X-LB-Priority: bulk` puts an interactive request in the bulk class
@@ -37,7 +38,7 @@ def is_bulk(raw_headers: Sequence[tuple[bytes, bytes]]) -> bool:
 
 
 class _Waiter:
-    __slots__ = ("bulk", "candidates", "exclude", "future", "patient")
+    __slots__ = ("bulk", "candidates", "exclude", "future", "patient", "work")
 
     def __init__(
         self,
@@ -46,12 +47,14 @@ class _Waiter:
         future: asyncio.Future[Backend],
         bulk: bool,
         patient: bool = False,
+        work: Work = PLAIN,
     ) -> None:
         self.candidates = candidates
         self.exclude = exclude
         self.future = future
         self.bulk = bulk
         self.patient = patient  # the balancer's own batch line: not failed at shutdown (it resumes later)
+        self.work = work  # what the policy may read of the request when it picks for this waiter
 
 
 class Admission:
@@ -103,36 +106,43 @@ class Admission:
         *,
         bulk: bool = False,
         patient: bool = False,
+        work: Work = PLAIN,
     ) -> Backend:
         """A routable backend for one attempt; the caller enters `pool.track(backend, bulk=bulk)` without
         awaiting first.
 
-        Raises NoHealthyBackend when no candidate is routable, QueueFull when the queue is full or the wait
-        times out. `patient` (the balancer's own batch lines) waits without a queue limit or timeout.
+        Raises NoHealthyBackend when no candidate is routable (WorkersBusy when all are resting after a
+        Retry-After), QueueFull when the queue is full or the wait times out. `patient` (the balancer's own
+        batch lines) waits without a queue limit or timeout.
         """
         current = candidates()
         if exclude:
             current = [b for b in current if b.index not in exclude]
         if not current:
-            raise NoHealthyBackend("No healthy backend is available for this request; retry shortly.")
+            raise self._pool.unavailable()
         if not bulk and self.cap is None:
-            return self._policy.choose(current)
+            return self._policy.choose(current, work)
         queue = self._bulk_queue if bulk else self._queue
         if not queue and not (bulk and self._queue):
             free = self._available(current, exclude, bulk)
             if free:
-                return self._policy.choose(free)
+                return self._policy.choose(free, work)
         if not patient and len(queue) >= self.max_queue:
             raise QueueFull(
                 f"All workers are busy and {self.max_queue} requests are already queued; retry later."
             )
-        return await self._wait(candidates, exclude, bulk, None if patient else self.queue_timeout)
+        return await self._wait(candidates, exclude, bulk, None if patient else self.queue_timeout, work)
 
     async def _wait(
-        self, candidates: Candidates, exclude: frozenset[int], bulk: bool, timeout: float | None
+        self,
+        candidates: Candidates,
+        exclude: frozenset[int],
+        bulk: bool,
+        timeout: float | None,  # noqa: ASYNC109 - None: a patient waiter, no deadline
+        work: Work = PLAIN,
     ) -> Backend:
         future: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(candidates, exclude, future, bulk, patient=timeout is None)
+        waiter = _Waiter(candidates, exclude, future, bulk, patient=timeout is None, work=work)
         queue = self._bulk_queue if bulk else self._queue
         queue.append(waiter)
         started = time.perf_counter()
@@ -177,14 +187,12 @@ class Admission:
                 continue
             candidates = waiter.candidates()
             if not candidates:
-                waiter.future.set_exception(
-                    NoHealthyBackend("No healthy backend is available for this request; retry shortly.")
-                )
+                waiter.future.set_exception(self._pool.unavailable())
                 queue.remove(waiter)
                 continue
             free = self._available(candidates, waiter.exclude, waiter.bulk)
             if free:
-                backend = self._policy.choose(free)
+                backend = self._policy.choose(free, waiter.work)
                 backend.reserved += 1
                 if waiter.bulk:
                     backend.bulk_reserved += 1

@@ -47,7 +47,8 @@ async def metrics(request: web.Request) -> web.Response:
 async def list_models(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     try:
-        state.proxy.check_key(request.headers.get("Authorization"))  # a /v1 path: same keys as the proxy
+        # a /v1 path: same keys as the proxy
+        state.proxy.check_key(request.headers.get("Authorization"), request.headers.get("X-API-Key"))
     except BalancerError as exc:
         return error_response(exc)
     models = state.pool.models()

@@ -14,14 +14,16 @@ from lb import api_cluster, api_solve, api_status, logs
 from lb.admin import Admin
 from lb.admission import Admission
 from lb.aiohttp_server import json_http_errors
+from lb.autoscale import Autoscaler
 from lb.backends import BackendPool
 from lb.config import BalancerConfig
+from lb.discovery import Discovery, parse_ranges
 from lb.health import HealthChecker
 from lb.jobs import api_batches, api_files, api_jobs
 from lb.jobs.batches import BatchService
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
-from lb.policies import POLICIES
+from lb.policies import POLICIES, Tuning
 from lb.progress import running_work
 from lb.proxy import Proxy
 from lb.state import STATE, BalancerState
@@ -60,11 +62,11 @@ def create_app(config: BalancerConfig) -> web.Application:
         },
     )
     pool = BackendPool()
-    for url in config.worker_urls():
-        pool.add(url)
+    for url, weight in config.worker_specs():
+        pool.add(url, weight=weight)
     admission = Admission(
         pool,
-        POLICIES[config.policy](),
+        POLICIES[config.policy](Tuning(affinity_max_load=config.affinity_max_load)),
         config.max_inflight_per_worker,
         config.max_queue,
         config.queue_timeout,
@@ -111,6 +113,7 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
     # 4. a first probe of every worker, so those already up take traffic from the first request
     await state.health.check_all()
     task = asyncio.create_task(state.health.run(), name="lb-health")
+    expiry = asyncio.create_task(client.expire_idle(), name="lb-upstream-idle")
     # 5. batches: resume the unfinished ones in --data-dir, then dispatch (workers' models are known now)
     state.batches = BatchService(
         config, state.pool, state.router, state.admission, state.health, state.metrics, client
@@ -127,11 +130,40 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
         work=lambda: running_work(state),
     )
     telemetry = asyncio.create_task(state.telemetry.run(), name="lb-telemetry")
+    background = [expiry, task, telemetry]
+    # 7. --discover: scan port ranges for workers in the background (a thread sweeps, the loop probes)
+    if config.discover:
+        discovery = Discovery(
+            state.pool,
+            state.health,
+            parse_ranges(config.discover, config.discover_skip_ports),
+            interval=config.discover_interval,
+            timeout=config.health_check_timeout,
+            own=(config.host, config.port),
+        )
+        background.append(asyncio.create_task(discovery.run(), name="lb-discovery"))
+    # 8. --scale-command: ask for more or fewer workers when the queue stays long or empty
+    if config.scale_command:
+        admission = state.admission
+        autoscaler = Autoscaler(
+            config.scale_command,
+            state.pool,
+            lambda: admission.depth + admission.bulk_depth,
+            state.metrics,
+            minimum=config.scale_min,
+            maximum=config.scale_max,
+            up_queue=config.scale_up_queue,
+            down_queue=config.scale_down_queue,
+            window=config.scale_window,
+            cooldown=config.scale_cooldown,
+            cap=config.max_inflight_per_worker,
+        )
+        background.append(asyncio.create_task(autoscaler.run(), name="lb-autoscale"))
     yield
     await state.batches.stop()  # lines in flight are sent again after a restart
-    for background in (telemetry, task):
-        background.cancel()
+    for job in reversed(background):
+        job.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await background
+            await job
     client.close()
     await state.session.close()

@@ -107,6 +107,9 @@ class HealthChecker:
                 reason,
             )
             self._pool.set_health(backend, False)
+        if backend.discovered and backend.consecutive_failures >= self.unhealthy_threshold:
+            log.info("backend %d %s forgotten: discovered, and gone (%s)", backend.index, backend.url, reason)
+            self._pool.remove(backend)  # --discover adds it again if it comes back
 
     def mark_down(self, backend: Backend, reason: str) -> None:
         """Passive: a proxied request found the connection refused or reset, so stop routing to it now."""
@@ -118,6 +121,10 @@ class HealthChecker:
 
     async def probe(self, url: str) -> frozenset[str]:
         """GET /health (then /v1/models if /health names no model); the served models, or ProbeFailed."""
+        return (await self.probe_body(url))[0]
+
+    async def probe_body(self, url: str) -> tuple[frozenset[str], Any]:
+        """`probe`, with the /health body too (discovery tells a worker from a balancer by it)."""
         body = await self._get_json(url + "/health")
         models = _models_from_health(body)
         if not models:
@@ -125,7 +132,7 @@ class HealthChecker:
                 models = _models_from_list(await self._get_json(url + "/v1/models"))
             except ProbeFailed:
                 models = frozenset()  # healthy but does not say what it serves: route anything to it
-        return models
+        return models, body
 
     async def _get_json(self, url: str) -> Any:
         try:

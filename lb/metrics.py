@@ -66,6 +66,10 @@ class Metrics:
         self.retries: dict[int, int] = {}  # backend index -> attempts retried elsewhere
         self.stream_failures = 0
         self.client_disconnects = 0
+        self.busy_answers: dict[int, int] = {}  # backend index -> 429/503 + Retry-After answers
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.scale_decisions: dict[tuple[str, str], int] = {}  # (direction, outcome) -> hook calls
         self.recent = RecentRequests()  # the dashboard's recent rates and percentiles
         self.registry.register(_PoolCollector(pool, queue_depth, self))
 
@@ -79,6 +83,19 @@ class Metrics:
 
     def retried(self, backend: Backend) -> None:
         self.retries[backend.index] = self.retries.get(backend.index, 0) + 1
+
+    def busy(self, backend: Backend) -> None:
+        self.busy_answers[backend.index] = self.busy_answers.get(backend.index, 0) + 1
+
+    def cache_lookup(self, hit: bool) -> None:
+        if hit:
+            self.cache_hits += 1
+        else:
+            self.cache_misses += 1
+
+    def scaled(self, direction: str, outcome: str) -> None:
+        key = (direction, outcome)
+        self.scale_decisions[key] = self.scale_decisions.get(key, 0) + 1
 
     def stream_failed(self, backend: Backend) -> None:
         self.stream_failures += 1
@@ -128,7 +145,33 @@ class _PoolCollector(Collector):
         )
         for status, count in sorted(self._metrics.rejections.items()):
             rejected.add_metric([str(status)], count)
-        yield from (requests, errors, in_flight, healthy, retries, rejected)
+        busy = CounterMetricFamily(
+            "lb_backend_busy",
+            "429/503 answers with Retry-After (the backend was routed around, not ejected), by backend",
+            labels=["backend"],
+        )
+        for index, count in sorted(self._metrics.busy_answers.items()):
+            busy.add_metric([str(index)], count)
+        tokens = GaugeMetricFamily(
+            "lb_backend_tokens_in_flight",
+            "Estimated tokens (body bytes / 4 + max_tokens) in flight, by backend",
+            labels=["backend", "url"],
+        )
+        for b in self._pool.backends:
+            tokens.add_metric([str(b.index), b.url], b.tokens_in_flight)
+        cache = CounterMetricFamily(
+            "lb_cache_lookups", "Response cache lookups of deterministic requests", labels=["result"]
+        )
+        cache.add_metric(["hit"], self._metrics.cache_hits)
+        cache.add_metric(["miss"], self._metrics.cache_misses)
+        scale = CounterMetricFamily(
+            "lb_scale_decisions",
+            "Auto-scaling hook calls, by direction and outcome (ok, failed)",
+            labels=["direction", "outcome"],
+        )
+        for (direction, outcome), count in sorted(self._metrics.scale_decisions.items()):
+            scale.add_metric([direction, outcome], count)
+        yield from (requests, errors, in_flight, healthy, retries, rejected, busy, tokens, cache, scale)
         m = self._metrics
         yield from (h.family() for h in (m.latency, m.ttfb, m.overhead, m.queue_wait))
         yield GaugeMetricFamily(

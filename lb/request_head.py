@@ -24,6 +24,7 @@ class RequestHead:
     __slots__ = (
         "_authorizations",
         "_max_line",
+        "api_key",
         "authorization",
         "complete",
         "content_length",
@@ -51,6 +52,7 @@ class RequestHead:
         self.keep_alive = True
         self.complete = False
         self.authorization: bytes | None = None
+        self.api_key: bytes | None = None  # X-API-Key, the model server's way of sending the key
 
     # llhttp callbacks
     def on_url(self, url: bytes) -> None:
@@ -75,6 +77,8 @@ class RequestHead:
         elif lower == b"authorization":
             self._authorizations += 1
             self.authorization = value
+        elif lower == b"x-api-key":
+            self.api_key = value
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:

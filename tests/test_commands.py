@@ -134,6 +134,14 @@ def test_balancer_secrets_travel_in_0600_files_not_its_command_line(tmp_path: Pa
     assert balancer_env(cfg, {"IB_LB_ADMIN_TOKEN": "old", "PATH": "/bin"}) == {"PATH": "/bin"}
 
 
+@pytest.mark.parametrize("engine", ["hf", "fake", "vllm", "sglang"])
+def test_no_worker_command_carries_the_launch_secrets(engine: str) -> None:
+    cfg = from_mapping(ClusterConfig, {"model_path": "/m", "engine": engine, "api_key": "sk-secret",
+                                       "admin_token": "adm-secret", "vllm_python": "/v/bin/python"})
+    argv = " ".join(worker_command(cfg, SPEC))
+    assert "sk-secret" not in argv and "adm-secret" not in argv
+
+
 def test_every_launch_gets_an_admin_token_even_without_one_configured(tmp_path: Path) -> None:
     cfg = from_mapping(ClusterConfig, {"model_path": "/m"})
     first, second = credentials.prepare(cfg, tmp_path / "a"), credentials.prepare(cfg, tmp_path / "b")

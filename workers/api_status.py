@@ -26,6 +26,7 @@ async def health(request: web.Request) -> web.Response:
         "queue_depth": state.batcher.queue_depth,
         "running": state.batcher.running,
         "batch_size": state.config.batch_size,
+        "batch_cap": state.batcher.cap.current(),  # below batch_size for a while after running out of memory
         "pid": state.pid,
     }
     if state.error:

@@ -58,6 +58,7 @@ def create_app(config: WorkerConfig, engine: Engine) -> web.Application:
     batcher = DynamicBatcher(engine, batch_size=config.batch_size, max_wait_time=config.max_wait_time,
                              max_queue=config.max_queue, metrics=metrics)
     metrics.track_load(lambda: batcher.queue_depth, lambda: batcher.running)
+    metrics.track_cap(batcher.cap.current)
     app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=MAX_BODY_BYTES)
     app[STATE] = WorkerState(config, engine, batcher, metrics)
     app.router.add_get("/health", api_status.health)

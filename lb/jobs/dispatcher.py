@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+from lb.backends import Backend
 from lb.errors import BalancerError, NoHealthyBackend
 from lb.jobs.run import BatchRun, Line
 from lb.jobs.sender import Outcome, Sender
@@ -111,12 +112,12 @@ class Dispatcher:
                 return run
         return None
 
-    async def _send(self, run: BatchRun, line: Line, backend: object) -> None:
+    async def _send(self, run: BatchRun, line: Line, backend: Backend) -> None:
         try:
             try:
                 outcome = await self._sender.send(
                     run.endpoint, line.body, bulk=True, patient=True, first=backend
-                )  # type: ignore[arg-type]
+                )
             except BalancerError as exc:
                 outcome = Outcome(exc.status, {"error": {"message": exc.message, "code": exc.code}}, 0)
             except Exception as exc:  # a task's outer edge: the line still gets exactly one result

@@ -122,7 +122,7 @@ class Sender:
     async def _acquire_untried(
         self, model: str | None, tried: set[int], *, bulk: bool, patient: bool
     ) -> Backend:
-        """Another worker than those tried; the same one again (after a pause) when it is the only one left."""
+        """Another worker than those tried; the same one again (after a pause) if it is the only one left."""
         while True:
             try:
                 current = self.candidates(model)
