@@ -8,7 +8,7 @@ from pathlib import Path
 from lb.settings import ConfigError, load_config, setting
 
 ENGINES = ("hf", "dllm", "fake")
-DLLM_ALGORITHMS = ("low_confidence", "random", "threshold")  # as workers.engines.base.DIFFUSION_ALGORITHMS
+DLLM_ALGORITHMS = ("low_confidence", "random", "threshold")  # = engines.base.DIFFUSION_ALGORITHMS (tested)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
