@@ -173,14 +173,17 @@ def worker_env(cfg: ClusterConfig, spec: WorkerSpec, base: Mapping[str, str] | N
 
 
 def balancer_command(cfg: ClusterConfig, port: int, worker_urls: list[str],
-                     secret_flags: Sequence[str] = ()) -> list[str]:
+                     secret_flags: Sequence[str] = (), log_files: Sequence[tuple[str, str]] = ()) -> list[str]:
     """`python -m lb` in front of `worker_urls`; it drains within most of the launcher's stop timeout.
     `secret_flags` name the files holding the admin token and API key (scripts/credentials.py): `ps` shows
-    every command line to every user, so a secret itself never goes on one."""
+    every command line to every user, so a secret itself never goes on one. `log_files` are (name, path) pairs
+    the balancer serves at GET /logs/NAME (and the dashboard links)."""
     argv = [sys.executable, "-m", "lb", "--host", cfg.host, "--port", str(port),
             "--workers", ",".join(worker_urls),
             "--health-check-interval", str(cfg.health_check_interval),
             "--drain-timeout", str(round(cfg.stop_timeout * 0.8, 3)), *secret_flags]
+    for name, path in log_files:
+        argv += ["--log-file", f"{name}={path}"]
     if cfg.policy is not None:
         argv += ["--policy", cfg.policy]
     return argv + shlex.split(cfg.lb_args)

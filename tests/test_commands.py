@@ -116,6 +116,9 @@ def test_balancer_command() -> None:
     assert argv[argv.index("--policy") + 1] == "round_robin"
     assert argv[argv.index("--drain-timeout") + 1] == "8.0"
     assert argv[-2:] == ["--max-retries", "3"]
+    with_logs = balancer_command(cfg, 8000, [], log_files=[("balancer", "/r/balancer.log"), ("worker-0", "/r/w0.log")])
+    assert with_logs[with_logs.index("--log-file") + 1] == "balancer=/r/balancer.log"
+    assert "worker-0=/r/w0.log" in with_logs
 
 
 def test_balancer_secrets_travel_in_0600_files_not_its_command_line(tmp_path: Path) -> None:

@@ -104,6 +104,7 @@ def test_instructions_give_the_tunnel_and_an_sdk_example() -> None:
     assert tunnel_command(record) == "ssh -N -L 8000:10.0.0.5:9000 login.hpc"
     text = instructions(record)
     assert 'base_url="http://localhost:8000/v1"' in text and "scancel 7" in text
+    assert "http://localhost:8000/dashboard" in text
 
 
 def _run_submit(*args: str) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,7 @@ ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 
 ENGINES = ("hf", "dllm", "fake")
-DLLM_ALGORITHMS = ("low_confidence", "random", "threshold")  # as workers.engines.base.DIFFUSION_ALGORITHMS
+DLLM_ALGORITHMS = ("low_confidence", "random", "threshold")  # = engines.base.DIFFUSION_ALGORITHMS (tested)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
