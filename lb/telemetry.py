@@ -10,6 +10,7 @@ dashboard charts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -159,6 +160,7 @@ class TelemetryGatherer:
         self.workers: dict[int, WorkerTelemetry] = {}
         self.history: deque[HistoryPoint] = deque(maxlen=max(1, math.ceil(HISTORY_SECONDS / interval)))
         self.overall: WindowStats | None = None  # the last RECENT_SECONDS, every backend
+        self.history_json = self._history_json()  # /cluster's "history", serialised once per round
         self._work = work
         self.work: list[dict[str, Any]] = []  # running batches and jobs (lb/progress.py)
 
@@ -217,6 +219,11 @@ class TelemetryGatherer:
         except aiohttp.ClientError as exc:
             raise _FetchFailed(f"GET {url} failed: {exc.__class__.__name__}") from None
 
+    def _history_json(self) -> str:
+        """The history as one JSON object of columns: {"t": [...], "requests_per_s": [...], ...}."""
+        names = [f.name for f in dataclasses.fields(HistoryPoint)]
+        return json.dumps({name: [getattr(point, name) for point in self.history] for name in names})
+
     def _append_history(self, backends: list[Backend]) -> None:
         last, _ = self._recent.window(self.interval)
         tokens = sum(t.tokens_per_s or 0.0 for t in self.workers.values())
@@ -232,6 +239,7 @@ class TelemetryGatherer:
                 in_flight=sum(b.in_flight for b in backends),
             )
         )
+        self.history_json = self._history_json()
 
 
 class _FetchFailed(Exception):

@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from tests.batch_support import jsonl, line, submit, wait_batch
-from tests.browser import chromium_paths, start_chromium
+from bench.browser import chromium_paths, start_chromium
 from tests.lb_cluster import FAST
 from tests.processes import ManagedProcess, free_port, get_json, python_module
 

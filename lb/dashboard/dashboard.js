@@ -144,8 +144,13 @@ function renderSummary(doc) {
 // ---- jobs -----------------------------------------------------------------------------------------------
 function renderJobs(jobs) {
   const box = $("#jobs");
-  if (!jobs || !jobs.length) { box.innerHTML = '<p class="muted">No batch or job is running.</p>'; return; }
-  box.innerHTML = "";
+  const empty = box.querySelector("p.muted");
+  if (!jobs || !jobs.length) {
+    if (!empty) box.innerHTML = '<p class="muted">No batch or job is running.</p>';
+    return;
+  }
+  if (empty) empty.remove();
+  const rows = new Map([...box.querySelectorAll(".job")].map((row) => [row.dataset.job, row]));
   const now = Date.now() / 1000;
   for (const job of jobs) {
     const total = job.total || 0;
@@ -158,15 +163,20 @@ function renderJobs(jobs) {
       const rate = (done - first[1]) / Math.max(1e-6, now - first[0]);
       eta = rate > 0 ? (total - done) / rate : null;
     }
-    const row = document.createElement("div");
-    row.className = "job";
-    row.dataset.job = job.id;
-    row.innerHTML = '<span class="name"></span><div class="bar"><div></div></div><span class="eta"></span>';
+    let row = rows.get(job.id);
+    rows.delete(job.id);
+    if (!row) { // rows are updated in place, so the bar's width animates instead of jumping
+      row = document.createElement("div");
+      row.className = "job";
+      row.dataset.job = job.id;
+      row.innerHTML = '<span class="name"></span><div class="bar"><div></div></div><span class="eta"></span>';
+      box.appendChild(row);
+    }
     row.querySelector(".name").textContent = `${job.kind || "job"} ${job.name || job.id} · ${job.status || ""}`;
     row.querySelector(".bar > div").style.width = pct.toFixed(1) + "%";
     row.querySelector(".eta").textContent = `${done}/${total || "?"} (${pct.toFixed(0)}%) · ETA ${duration(eta)}`;
-    box.appendChild(row);
   }
+  for (const row of rows.values()) row.remove(); // finished
 }
 
 // ---- charts: line charts drawn on <canvas> ---------------------------------------------------------------------
