@@ -191,6 +191,9 @@ class BalancerConfig:
         "Authorization / X-API-Key are never forwarded when --api-key is set",
         metavar="KEY",
     )
+    model_load_timeout: float = setting(
+        900.0, "seconds one worker may take to load a checkpoint during POST /models/set_active"
+    )
     log_level: str = setting("info", "logging level", choices=LOG_LEVELS)
     telemetry_interval: float = setting(
         2.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,14 @@ def test_job_environment_carries_python_ports_and_container() -> None:
     assert ports == ("9100", "9200", "2")
     assert env["IB_JOB_CONTAINER_IMAGE"] == "nvcr.io/x:1"
     assert env["IB_JOB_REPO"] == str(REPO_ROOT)
+
+
+def test_model_loading_options_travel_to_the_workers_with_absolute_paths(tmp_path: Path) -> None:
+    env = job_environment(job(gpus=2, model_path=None, dcp_path="ckpt", base_model=str(tmp_path),
+                              trust_remote_code=True, engine_args="--dtype bfloat16"))
+    assert shlex.split(env["IB_JOB_ENGINE_ARGS"]) == [
+        "--trust-remote-code", "--dcp-path", str(Path("ckpt").resolve()), "--base-model", str(tmp_path),
+        "--dtype", "bfloat16"]
 
 
 def test_instructions_give_the_tunnel_and_an_sdk_example() -> None:
