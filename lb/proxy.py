@@ -199,6 +199,7 @@ class Proxy:
         headers = self.worker_headers(exchange)
         bulk = is_bulk(exchange.raw_headers)  # the client stepped aside: it waits behind interactive traffic
         rid = request_id(exchange.raw_headers)  # one id for every attempt, the client's when it sent one
+        self._metrics.begin_trace(exchange.raw_headers, rid[0], exchange.target)
         if not rid[1]:
             headers.append((b"X-Request-ID", rid[0]))
         while True:
