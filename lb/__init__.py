@@ -22,4 +22,7 @@ The request path (proxy.py unless named)::
     health.HealthChecker ── GET /health every interval ──▶ workers (drop / re-add, learn models)
     admin.py: POST /workers, DELETE /workers/{index};  /stats, /health (stats.py), /metrics (metrics.py)
     discovery.py (--discover port ranges), autoscale.py (--scale-command): background tasks beside health
+    jobs/: /v1/files and /v1/batches (durable in --data-dir), eval / data-generation jobs; each batch line
+           goes through admission.choose in the bulk class (jobs/dispatcher.py, jobs/sender.py), as does a
+           proxied request sent with `X-LB-Priority: bulk`
 """
