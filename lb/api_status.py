@@ -36,6 +36,8 @@ async def get_stats(request: web.Request) -> web.Response:
         queue_depth=state.admission.depth,
     )
     body["batches"] = state.batches.running()  # batches being dispatched, with their progress
+    latest = state.switcher.latest  # the latest rolling model switch, step by step
+    body["model_switch"] = latest.as_dict() if latest else None
     return web.json_response(body)
 
 
@@ -47,7 +49,8 @@ async def metrics(request: web.Request) -> web.Response:
 async def list_models(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     try:
-        state.proxy.check_key(request.headers.get("Authorization"))  # a /v1 path: same keys as the proxy
+        # a /v1 path: same keys as the proxy
+        state.proxy.check_key(request.headers.get("Authorization"), request.headers.get("X-API-Key"))
     except BalancerError as exc:
         return error_response(exc)
     models = state.pool.models()

@@ -10,20 +10,28 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from lb import api_solve, api_status
+from lb import api_cluster, api_models, api_solve, api_status, logs
 from lb.admin import Admin
 from lb.admission import Admission
 from lb.aiohttp_server import json_http_errors
+from lb.autoscale import Autoscaler
 from lb.backends import BackendPool
 from lb.config import BalancerConfig
+from lb.datastore import connect
+from lb.discovery import Discovery, parse_ranges
 from lb.health import HealthChecker
 from lb.jobs import api_batches, api_files, api_jobs
 from lb.jobs.batches import BatchService
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
-from lb.policies import POLICIES
+from lb.policies import POLICIES, Tuning
+from lb.progress import running_work
 from lb.proxy import Proxy
+from lb.registry import Registry
+from lb.rollout import Switcher
 from lb.state import STATE, BalancerState
+from lb.telemetry import TelemetryGatherer
+from lb.tracing import Tracer
 from lb.upstream import UpstreamClient
 
 log = logging.getLogger("lb")
@@ -58,25 +66,31 @@ def create_app(config: BalancerConfig) -> web.Application:
         },
     )
     pool = BackendPool()
-    for url in config.worker_urls():
-        pool.add(url)
+    for url, weight in config.worker_specs():
+        pool.add(url, weight=weight)
     admission = Admission(
         pool,
-        POLICIES[config.policy](),
+        POLICIES[config.policy](Tuning(affinity_max_load=config.affinity_max_load)),
         config.max_inflight_per_worker,
         config.max_queue,
         config.queue_timeout,
         bulk_cap=config.batch_max_inflight_per_worker,
     )
     metrics = Metrics(pool, lambda: admission.depth)
-    admission.on_wait = metrics.queue_wait.observe
+    admission.on_wait = metrics.waited
+    if config.otlp_endpoint:  # only then is opentelemetry imported
+        metrics.tracer = Tracer(config.otlp_endpoint)
     app[STATE] = BalancerState(config, pool, ModelRouter(pool), admission, metrics)
+    app[STATE].log_files = config.log_files()
     app.cleanup_ctx.append(_client_and_checker)
     api_status.add_routes(app)
     api_files.add_routes(app)
     api_batches.add_routes(app)
     api_jobs.add_routes(app)  # also starts the job runner, after the start-up steps above
     api_solve.add_routes(app)
+    api_cluster.add_routes(app)
+    logs.add_routes(app)
+    api_models.add_routes(app)
     api_status.add_catch_all(app)  # last: it matches every path
     return app
 
@@ -97,6 +111,10 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
         healthy_threshold=config.healthy_threshold,
     )
     state.admin = Admin(state.pool, state.health, config.admin_secret(), config.drain_timeout)
+    # 2b. the checkpoint registry (in --data-dir) and its rolling switch over the workers' /admin/load
+    state.switcher = Switcher(state.pool, state.router, state.admin, Registry(connect(config.data_dir)),
+                              state.session, config.admin_secret(), config.model_load_timeout)
+    state.router.set_redirects(state.switcher.registry.redirects())
     # 3. the proxy's upstream client: no total timeout, a stream that keeps producing may run for hours;
     #    silence is what times out
     client = UpstreamClient(connect_timeout=config.connect_timeout, read_timeout=config.request_timeout)
@@ -106,15 +124,61 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
     # 4. a first probe of every worker, so those already up take traffic from the first request
     await state.health.check_all()
     task = asyncio.create_task(state.health.run(), name="lb-health")
+    expiry = asyncio.create_task(client.expire_idle(), name="lb-upstream-idle")
     # 5. batches: resume the unfinished ones in --data-dir, then dispatch (workers' models are known now)
     state.batches = BatchService(
         config, state.pool, state.router, state.admission, state.health, state.metrics, client
     )
     await state.batches.start()
+    # 6. the telemetry gatherer behind /cluster and the dashboard: background reads, never on a request
+    state.telemetry = TelemetryGatherer(
+        state.pool,
+        state.session,
+        state.metrics.recent,
+        lambda: state.admission.depth,
+        interval=config.telemetry_interval,
+        timeout=min(config.telemetry_interval, config.health_check_timeout),
+        work=lambda: running_work(state),
+    )
+    telemetry = asyncio.create_task(state.telemetry.run(), name="lb-telemetry")
+    background = [expiry, task, telemetry]
+    # 7. --discover: scan port ranges for workers in the background (a thread sweeps, the loop probes)
+    if config.discover:
+        discovery = Discovery(
+            state.pool,
+            state.health,
+            parse_ranges(config.discover, config.discover_skip_ports),
+            interval=config.discover_interval,
+            timeout=config.health_check_timeout,
+            own=(config.host, config.port),
+        )
+        background.append(asyncio.create_task(discovery.run(), name="lb-discovery"))
+    # 8. --scale-command: ask for more or fewer workers when the queue stays long or empty
+    if config.scale_command:
+        admission = state.admission
+        autoscaler = Autoscaler(
+            config.scale_command,
+            state.pool,
+            lambda: admission.depth + admission.bulk_depth,
+            state.metrics,
+            minimum=config.scale_min,
+            maximum=config.scale_max,
+            up_queue=config.scale_up_queue,
+            down_queue=config.scale_down_queue,
+            window=config.scale_window,
+            cooldown=config.scale_cooldown,
+            cap=config.max_inflight_per_worker,
+        )
+        background.append(asyncio.create_task(autoscaler.run(), name="lb-autoscale"))
     yield
     await state.batches.stop()  # lines in flight are sent again after a restart
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    if state.switcher.task is not None:  # a switch cut short leaves each worker serving a whole model
+        state.switcher.task.cancel()
+    for job in reversed(background):
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
     client.close()
     await state.session.close()
+    if state.metrics.tracer is not None:
+        await asyncio.to_thread(state.metrics.tracer.close)  # exports the spans still buffered

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
@@ -20,6 +21,7 @@ class BalancerError(Exception):
     code: str | None = None
     param: str | None = None
     retry_after: int | None = None  # seconds, sent as Retry-After
+    headers: tuple[tuple[str, str], ...] = ()  # more response headers (e.g. x-ratelimit-*)
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -119,6 +121,16 @@ class ShuttingDown(BalancerError):
     retry_after = 1
 
 
+class WorkersBusy(NoHealthyBackend):
+    """Every healthy worker asked for rest (429/503 with Retry-After); Retry-After says when one is free."""
+
+    code = "workers_busy"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+
 class UpstreamFailed(BalancerError):
     """Every attempt failed at the transport level before any byte reached the client."""
 
@@ -139,8 +151,14 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
     return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
 
 
+def error_headers(exc: BalancerError) -> list[tuple[str, str]]:
+    """Retry-After and any extra headers an error answer carries."""
+    headers = [("Retry-After", str(exc.retry_after))] if exc.retry_after is not None else []
+    return headers + list(exc.headers)
+
+
 def error_response(exc: BalancerError) -> web.Response:
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    headers = error_headers(exc) or None
     return web.Response(
         status=exc.status,
         body=error_body(exc.message, exc.type, exc.code, exc.param),

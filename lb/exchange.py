@@ -14,7 +14,7 @@ from typing import Protocol
 from aiohttp import web
 from multidict import CIMultiDict
 
-from lb.errors import BalancerError, error_body, error_response
+from lb.errors import BalancerError, error_body, error_headers, error_response
 from lb.http11 import HOP_BY_HOP as RAW_HOP_BY_HOP
 from lb.http11 import connection_named, header_block, origin_form
 
@@ -230,9 +230,7 @@ class FrontExchange:
 
     def fail(self, exc: BalancerError) -> Reply:
         body = error_body(exc.message, exc.type, exc.code, exc.param)
-        extra = [("Content-Type", "application/json")]
-        if exc.retry_after is not None:
-            extra.append(("Retry-After", str(exc.retry_after)))
+        extra = [("Content-Type", "application/json"), *error_headers(exc)]
         return self.respond(exc.status, [], extra, body)
 
     def gone(self) -> Reply:

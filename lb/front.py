@@ -235,13 +235,22 @@ class FrontProtocol(asyncio.Protocol):
             head.headers,
             head.keep_alive and not self._closing,
         )
-        self.task = self._loop.create_task(self._serve(exchange, body, head.authorization))
+        self.task = self._loop.create_task(self._serve(exchange, body, head.authorization, head.api_key))
 
-    async def _serve(self, exchange: FrontExchange, body: bytes | None, authorization: bytes | None) -> None:
+    async def _serve(
+        self,
+        exchange: FrontExchange,
+        body: bytes | None,
+        authorization: bytes | None,
+        api_key: bytes | None,
+    ) -> None:
         started = time.perf_counter()
         try:
             try:
-                self._proxy.check_key(authorization.decode("latin-1") if authorization is not None else None)
+                self._proxy.check_key(
+                    authorization.decode("latin-1") if authorization is not None else None,
+                    api_key.decode("latin-1") if api_key is not None else None,
+                )
             except BalancerError as exc:
                 self._proxy.refuse(exchange, exc)
             else:

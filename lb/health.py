@@ -46,6 +46,7 @@ class HealthChecker:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self.unhealthy_threshold = unhealthy_threshold
         self.healthy_threshold = healthy_threshold
+        self.batch_sizes: dict[str, int | None] = {}  # URL -> batch_size from its last /health
 
     async def run(self) -> None:
         """Probe every backend each interval until cancelled."""
@@ -69,6 +70,7 @@ class HealthChecker:
             self.record_failure(backend, str(exc))
         else:
             backend.last_check = time.time()
+            backend.batch_size = self.batch_sizes.get(backend.url)
             self.record_success(backend, models)
 
     def record_success(self, backend: Backend, models: frozenset[str]) -> None:
@@ -107,6 +109,9 @@ class HealthChecker:
                 reason,
             )
             self._pool.set_health(backend, False)
+        if backend.discovered and backend.consecutive_failures >= self.unhealthy_threshold:
+            log.info("backend %d %s forgotten: discovered, and gone (%s)", backend.index, backend.url, reason)
+            self._pool.remove(backend)  # --discover adds it again if it comes back
 
     def mark_down(self, backend: Backend, reason: str) -> None:
         """Passive: a proxied request found the connection refused or reset, so stop routing to it now."""
@@ -118,14 +123,21 @@ class HealthChecker:
 
     async def probe(self, url: str) -> frozenset[str]:
         """GET /health (then /v1/models if /health names no model); the served models, or ProbeFailed."""
+        return (await self.probe_body(url))[0]
+
+    async def probe_body(self, url: str) -> tuple[frozenset[str], Any]:
+        """`probe`, with the /health body too (discovery tells a worker from a balancer by it)."""
         body = await self._get_json(url + "/health")
+        # the worker's current cap (lowered after running out of memory), else its configured batch size
+        size = (body.get("batch_cap") or body.get("batch_size")) if isinstance(body, dict) else None
+        self.batch_sizes[url] = size if isinstance(size, int) and size > 0 else None
         models = _models_from_health(body)
         if not models:
             try:
                 models = _models_from_list(await self._get_json(url + "/v1/models"))
             except ProbeFailed:
                 models = frozenset()  # healthy but does not say what it serves: route anything to it
-        return models
+        return models, body
 
     async def _get_json(self, url: str) -> Any:
         try:

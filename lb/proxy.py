@@ -10,6 +10,7 @@ arrives. Response bodies are never parsed. Entry points: `handle` (aiohttp route
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -18,7 +19,7 @@ from aiohttp import web
 
 from lb.admission import Admission, is_bulk
 from lb.aiohttp_server import check_request
-from lb.auth import check_bearer
+from lb.auth import check_client
 from lb.backends import Backend, BackendPool
 from lb.config import BalancerConfig
 from lb.errors import (
@@ -33,10 +34,13 @@ from lb.errors import (
 from lb.exchange import AiohttpExchange, Exchange, Reply
 from lb.health import HealthChecker
 from lb.http11 import worker_headers
+from lb.intake import Intake
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter, rewrite_model, served_name
-from lb.request_body import model_of, read_body
+from lb.request_body import model_in, read_body
+from lb.tracing import request_id
 from lb.upstream import UpstreamClient, UpstreamError, UpstreamResponse, UpstreamTimeout
+from lb.work import PLAIN, Work, parse_payload
 
 log = logging.getLogger("lb.proxy")
 
@@ -44,6 +48,9 @@ log = logging.getLogger("lb.proxy")
 HOT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/generate")
 RESPONSE_BUFFER_LIMIT = 1 << 20  # bytes: complete responses up to this are relayed in one write
 RETRY_STATUSES = frozenset({429, 502, 503})  # a full, failing or draining worker answered before doing work
+BUSY_STATUSES = frozenset({429, 503})  # with Retry-After: a full queue; routed around that long, not ejected
+MAX_BUSY = 300.0  # seconds: the longest Retry-After honoured
+NO_HEADERS: list[tuple[str, str]] = []
 
 
 class _Retry:
@@ -87,6 +94,8 @@ class Proxy:
         self._streams: set[asyncio.Task[object]] = set()  # tasks relaying a stream right now
         self._cutting = False  # the drain deadline passed: a cancelled stream ends with an SSE error event
         self.streams_cut = 0
+        # affinity, token load, rate limits, cache: None without them, so bodies stay unparsed
+        self.intake = Intake(config, metrics) if Intake.wanted(config) else None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp route for every proxied path the lean front did not take."""
@@ -96,7 +105,7 @@ class Proxy:
             if not exchange.target:
                 raise InvalidHttpRequest("The request target must be an origin-form path of visible ASCII.")
             check_request(request, self._max_head)
-            self.check_key(request.headers.get("Authorization"))
+            self.check_key(request.headers.get("Authorization"), request.headers.get("X-API-Key"))
             try:  # the whole body, before the request may take a worker slot
                 async with asyncio.timeout(self._body_timeout):
                     body = await read_body(request, self._max_body)
@@ -120,10 +129,16 @@ class Proxy:
             if self.draining:
                 raise ShuttingDown("The balancer is shutting down; send the request to another instance.")
             model = None
-            if self._router.needs_model and isinstance(body, bytes):
-                model = model_of(body)
+            work, extra, stored = PLAIN, NO_HEADERS, None
+            if self.intake is not None:  # 400 bad JSON, 429 over the key's rate limits
+                work, extra, stored, hit = self.intake.admit(exchange.target, exchange.raw_headers, body)
+                if hit is not None:
+                    status, worker_headers, data = hit
+                    return exchange.respond(status, worker_headers, [("X-LB-Cache", "hit"), *extra], data)
+            if self._router.needs_model and isinstance(body, bytes) and body:
+                model = model_in(work.payload if work.payload is not None else parse_payload(body))
             candidates = self._router.candidates(model, self._pool.routable)  # raises ModelNotFound
-            return await self._forward(exchange, body, model, candidates, started)
+            return await self._forward(exchange, body, model, candidates, started, work, extra, stored)
         except BalancerError as exc:
             self._metrics.rejected(exc.status)
             return exchange.fail(exc)
@@ -137,9 +152,10 @@ class Proxy:
             task.cancel()
         return len(streams)
 
-    def check_key(self, header: str | None) -> None:
+    def check_key(self, authorization: str | None, api_key: str | None = None) -> None:
+        """With --api-key: the client's key as a bearer token or in X-API-Key."""
         if self._keys:
-            check_bearer(header, self._keys)
+            check_client(authorization, api_key, self._keys)
 
     def refuse(self, exchange: Exchange, exc: BalancerError) -> Reply:
         """Answer a request the balancer turns down before routing (e.g. a bad key)."""
@@ -167,6 +183,9 @@ class Proxy:
         model: str | None,
         candidates: Sequence[Backend],
         started: float,
+        work: Work = PLAIN,
+        extra: list[tuple[str, str]] = NO_HEADERS,
+        stored: bytes | None = None,
     ) -> Reply:
         router, pool = self._router, self._pool
 
@@ -179,8 +198,12 @@ class Proxy:
         retries = 0
         headers = self.worker_headers(exchange)
         bulk = is_bulk(exchange.raw_headers)  # the client stepped aside: it waits behind interactive traffic
+        rid = request_id(exchange.raw_headers)  # one id for every attempt, the client's when it sent one
+        self._metrics.begin_trace(exchange.raw_headers, rid[0], exchange.target)
+        if not rid[1]:
+            headers.append((b"X-Request-ID", rid[0]))
         while True:
-            backend = await self._admission.choose(current, tried, bulk=bulk)
+            backend = await self._admission.choose(current, tried, bulk=bulk, work=work)
             can_retry = (
                 retries < self._max_retries
                 and not isinstance(body, AsyncIterator)
@@ -194,8 +217,10 @@ class Proxy:
                 and model not in backend.models
             ):
                 sent = rewrite_model(body, served_name(backend, model))  # matched by normalised name
-            async with pool.track(backend, bulk):
-                outcome = await self._attempt(exchange, backend, headers, sent, retries, can_retry, started)
+            async with pool.track(backend, bulk, work.tokens):
+                outcome = await self._attempt(
+                    exchange, backend, headers, sent, retries, can_retry, started, rid[0], extra, stored
+                )
             if not isinstance(outcome, _Retry):
                 return outcome
             log.info("retrying on another backend: backend %d %s", backend.index, outcome.reason)
@@ -212,6 +237,9 @@ class Proxy:
         retries: int,
         can_retry: bool,
         started: float,
+        rid: bytes,
+        extra: list[tuple[str, str]],
+        stored: bytes | None,
     ) -> Reply | _Retry:
         self._metrics.overhead.observe(time.perf_counter() - started)
         try:
@@ -236,7 +264,9 @@ class Proxy:
                 return _Retry(str(exc))
             raise UpstreamFailed(f"Worker {backend.index} failed: {exc}") from None
         try:
-            return await self._relay(exchange, backend, upstream, retries, can_retry, started)
+            return await self._relay(
+                exchange, backend, upstream, retries, can_retry, started, rid, extra, stored
+            )
         finally:
             upstream.release()  # back to the pool if read to the end, else closed (the worker stops)
 
@@ -248,13 +278,27 @@ class Proxy:
         retries: int,
         can_retry: bool,
         started: float,
+        rid: bytes,
+        limits: list[tuple[str, str]],
+        stored: bytes | None,
     ) -> Reply | _Retry:
         status = upstream.status
-        if status in RETRY_STATUSES and can_retry:
-            backend.errors += status != 429
-            return _Retry(f"answered {status}")
+        if status in RETRY_STATUSES:
+            rest = retry_after(upstream.headers) if status in BUSY_STATUSES else None
+            if rest is not None:  # back-pressure, not failure: the worker stays healthy
+                log.info("backend %d answered %d: busy for %.1fs", backend.index, status, rest)
+                self._pool.set_busy(backend, rest)
+                self._metrics.busy(backend)
+            if can_retry:
+                backend.errors += status != 429 and rest is None
+                return _Retry(f"answered {status}")
         ttfb = time.perf_counter()
-        extra = [("X-LB-Worker", backend.label), ("X-LB-Retries", str(retries))]
+        extra = [
+            ("X-LB-Worker", backend.label),
+            ("X-LB-Retries", str(retries)),
+            ("X-Request-ID", rid.decode("latin-1")),
+            *limits,
+        ]
         length = upstream.content_length
         is_sse = upstream.content_type.startswith("text/event-stream")
         if length is not None and length <= RESPONSE_BUFFER_LIMIT and not is_sse:
@@ -266,6 +310,8 @@ class Proxy:
                 raise UpstreamFailed(f"Worker {backend.index} failed mid-response.") from None
             backend.last_progress = time.monotonic()
             self._account(backend, status, started, ttfb)
+            if stored is not None and status == 200 and self.intake is not None:
+                self.intake.store(stored, (status, upstream.headers, data))
             return exchange.respond(status, upstream.headers, extra, data)
         await exchange.start(status, upstream.headers, extra, more_now=upstream.buffered)
         return await self._stream(exchange, backend, upstream, is_sse, started, ttfb)
@@ -332,3 +378,18 @@ class Proxy:
 
 def _empty() -> Sequence[Backend]:
     return ()
+
+
+def retry_after(headers: list[tuple[bytes, bytes]]) -> float | None:
+    """Seconds from Retry-After (delta-seconds or an HTTP date), capped at MAX_BUSY; None if absent."""
+    value = next((v.decode("latin-1") for k, v in headers if k.lower() == b"retry-after"), None)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(seconds, MAX_BUSY) if seconds > 0 else None

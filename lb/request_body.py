@@ -4,13 +4,13 @@ backends serve different models."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from lb.errors import BadRequest, BodyTooLarge
+from lb.work import parse_payload
 
 
 async def read_body(request: web.Request, limit: int) -> bytes | None:
@@ -27,14 +27,11 @@ async def read_body(request: web.Request, limit: int) -> bytes | None:
 
 def model_of(body: bytes) -> str | None:
     """The request's `model`; 400 when the body is not a JSON object."""
-    if not body:
-        return None
-    try:
-        payload: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise BadRequest("The request body must be a JSON object.")
+    return model_in(parse_payload(body)) if body else None
+
+
+def model_in(payload: dict[str, Any]) -> str | None:
+    """The parsed body's `model`; 400 when it is not a string."""
     model = payload.get("model")
     if model is not None and not isinstance(model, str):
         raise BadRequest("'model' must be a string.", param="model")

@@ -16,10 +16,11 @@ from lb.errors import InvalidHttpRequest, RequestHeaderTooLarge
 from lb.http11 import origin_form
 
 MAX_HEADERS = 128  # header lines per request, as aiohttp's server allows
-_LENGTH, _AUTHORIZATION, _HAND_OVER = range(3)
+_LENGTH, _AUTHORIZATION, _API_KEY, _HAND_OVER = range(4)
 _FRAMING = {
     b"content-length": _LENGTH,
     b"authorization": _AUTHORIZATION,
+    b"x-api-key": _API_KEY,
     b"transfer-encoding": _HAND_OVER,
     b"expect": _HAND_OVER,
     b"upgrade": _HAND_OVER,
@@ -30,6 +31,7 @@ class RequestHead:
     """What the front needs from a head: the request line, headers as received, and its framing."""
 
     __slots__ = (
+        "api_key",
         "authorization",
         "authorizations",
         "complete",
@@ -53,6 +55,7 @@ class RequestHead:
         self.complete = False
         self.authorization: bytes | None = None
         self.authorizations = 0
+        self.api_key: bytes | None = None  # X-API-Key, the model server's way of sending the key
 
 
 class RequestReader:

@@ -18,6 +18,8 @@ from lb.jobs.job_runner import JobRunner
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
 from lb.proxy import Proxy
+from lb.rollout import Switcher
+from lb.telemetry import TelemetryGatherer
 
 
 @dataclass
@@ -35,6 +37,7 @@ class BalancerState:
     metrics: Metrics
     started: float = field(default_factory=time.monotonic)
     draining: bool = False  # set when shutdown begins: /health answers 503
+    log_files: dict[str, str] = field(default_factory=dict)  # GET /logs/NAME -> path (--log-file)
     # set by the start-up context (lb/app.py), before the first request is served
     session: aiohttp.ClientSession = field(init=False)
     health: HealthChecker = field(init=False)
@@ -42,6 +45,8 @@ class BalancerState:
     proxy: Proxy = field(init=False)
     batches: BatchService = field(init=False)  # files, batches and the internal API for jobs (lb/jobs/)
     jobs: JobRunner = field(init=False)  # eval and data-generation jobs (lb/jobs/api_jobs.py)
+    telemetry: TelemetryGatherer = field(init=False)
+    switcher: Switcher = field(init=False)  # checkpoint registry and rolling model switch (lb/rollout.py)
 
 
 STATE = web.AppKey("balancer_state", BalancerState)

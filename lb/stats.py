@@ -18,6 +18,7 @@ def backend_stats(b: Backend) -> dict[str, Any]:
         "index": b.index,
         "url": b.url,
         "healthy": b.healthy,
+        "draining": b.draining,  # set by the admin API: no new requests, in-flight ones finish
         "requests_served": b.requests_served,
         "errors": b.errors,
         "in_flight": b.in_flight,
@@ -25,6 +26,10 @@ def backend_stats(b: Backend) -> dict[str, Any]:
         "consecutive_failures": b.consecutive_failures,
         "last_check": b.last_check,  # unix seconds of the last probe, None before the first
         "latency_ms_p50": b.latency_ms_p50(),
+        "weight": b.weight,
+        "tokens_in_flight": b.tokens_in_flight,
+        "busy_for_s": round(max(0.0, b.busy_until - time.monotonic()), 3) if b.busy_until else 0.0,
+        "discovered": b.discovered,
     }
 
 

@@ -115,6 +115,19 @@ class UpstreamClient:
         conn.idle_since = time.monotonic()
         self._idle.setdefault(key, []).append(conn)
 
+    async def expire_idle(self) -> None:
+        """Background task: close keep-alive connections idle for IDLE_TTL. Without it a burst's extra
+        connections stay open (each a file descriptor here and a socket on the worker) until the worker
+        closes them, since the pool hands out its most recently used connection first."""
+        while True:
+            await asyncio.sleep(IDLE_TTL / 2)
+            oldest_ok = time.monotonic() - IDLE_TTL
+            for idle in self._idle.values():
+                expired = [conn for conn in idle if conn.idle_since < oldest_ok or conn.closed]
+                for conn in expired:
+                    idle.remove(conn)
+                    conn.close()
+
     def close(self) -> None:
         for idle in self._idle.values():
             for conn in idle:

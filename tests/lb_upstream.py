@@ -22,6 +22,7 @@ class Upstream:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.status = 200  # what generation endpoints answer; e.g. 503 to imitate a draining worker
+        self.retry_after: str | None = None  # sent as Retry-After with a non-200 status (a full queue)
         self.health_status = 200
         self.health_delay = 0.0  # seconds before /health answers
         self.chunks = 3
@@ -30,6 +31,7 @@ class Upstream:
         self.cancelled = 0  # streams whose client (the balancer) went away before the end
         self.finished = 0
         self.bodies: list[bytes] = []
+        self.headers: list[dict[str, str]] = []  # each generation request's headers, as received
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> Upstream:
@@ -58,10 +60,13 @@ class Upstream:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         self.bodies.append(raw)
+        self.headers.append(dict(request.headers))
         self.requests += 1
         if self.status != 200:
             return web.json_response(
-                {"error": {"message": "busy", "type": "x", "param": None, "code": None}}, status=self.status
+                {"error": {"message": "busy", "type": "x", "param": None, "code": None}},
+                status=self.status,
+                headers={"Retry-After": self.retry_after} if self.retry_after else None,
             )
         body: dict[str, Any] = json.loads(raw or b"{}")
         if not body.get("stream"):

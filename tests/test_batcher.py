@@ -9,8 +9,15 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from workers.batch_cap import BatchCap
 from workers.batcher import DynamicBatcher
-from workers.engines.base import EngineRequest, PromptTooLongError, SamplingParams, TokenEvent
+from workers.engines.base import (
+    EngineRequest,
+    PromptTooLongError,
+    SamplingParams,
+    TokenEvent,
+    run_to_completion,
+)
 from workers.engines.fake import FakeEngine
 from workers.errors import EngineFailed, QueueFull
 from workers.metrics import WorkerMetrics
@@ -268,3 +275,84 @@ async def test_a_dead_engine_thread_fails_waiting_requests_and_reports_itself(
         await asyncio.wait_for(collect(batcher, request("doomed")), timeout=5)
     assert batcher.failure is not None and "bug in the batcher" in batcher.failure
     assert not batcher.accepting
+
+
+@dataclass
+class OutOfMemoryEngine(RecordingEngine):
+    """Runs out of memory in a step of more than `oom_above` rows once a row holds `oom_from` tokens (memory
+    grows with the sequences), with the error `oom` makes."""
+
+    oom_above: int = 2
+    oom_from: int = 0
+    oom: Callable[[], BaseException] = lambda: RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    rows_after_oom: list[int] = field(default_factory=list)  # rows of each step after the first failure
+    failed: bool = False
+
+    def step(self) -> list[TokenEvent]:
+        longest = max((s.generated for s in self._running), default=0)
+        if len(self._running) > self.oom_above and longest >= self.oom_from:
+            self.failed = True
+            raise self.oom()
+        if self.failed:
+            self.rows_after_oom.append(len(self._running))
+        return super().step()
+
+
+def torch_oom() -> BaseException:
+    import torch
+
+    return torch.OutOfMemoryError("CUDA out of memory")
+
+
+@pytest.mark.parametrize("oom", [OutOfMemoryEngine.oom, torch_oom], ids=["runtime-error", "torch"])
+async def test_out_of_memory_splits_the_batch_and_loses_no_request(
+    make_batcher: MakeBatcher, closing: list[DynamicBatcher], oom: Callable[[], BaseException],
+) -> None:
+    engine = OutOfMemoryEngine(oom_above=2, oom_from=3, oom=oom)  # 8 rows step 3 times, then run out
+    metrics = WorkerMetrics("fake-model")
+    batcher = await start(make_batcher(engine, batch_size=8, max_wait_time=0.5, metrics=metrics), closing)
+    prompts = [f"prompt number {i}" for i in range(8)]
+    results = await asyncio.gather(*(collect(batcher, request(f"r{i}", 6, p)) for i, p in enumerate(prompts)))
+    alone = FakeEngine()
+    for prompt, events in zip(prompts, results, strict=True):
+        expected = [e for step in run_to_completion(alone, [request("x", 6, prompt)]) for e in step]
+        assert [e.token_ids for e in events] == [e.token_ids for e in expected]  # every token, once, in order
+        assert events[-1].finish_reason == "length"
+    assert engine.batches[0] == [f"r{i}" for i in range(8)]  # one batch, split inside: 8 -> 4 -> 2 rows
+    assert max(engine.rows_after_oom) == 2
+    assert batcher.cap.current() == 2 and batcher.cap.out_of_memory_steps == 2
+    assert b'worker_out_of_memory_steps_total{model="fake-model"} 2.0' in metrics.render()
+
+
+async def test_out_of_memory_with_one_row_fails_only_that_request(
+    make_batcher: MakeBatcher, closing: list[DynamicBatcher],
+) -> None:
+    engine = OutOfMemoryEngine(oom_above=0)
+    batcher = await start(make_batcher(engine, batch_size=4), closing)
+    with pytest.raises(EngineFailed, match="out of memory"):
+        await collect(batcher, request("alone"))
+    engine.oom_above = 4
+    assert (await collect(batcher, request("after")))[-1].finished
+
+
+def test_batch_cap_halves_on_out_of_memory_and_recovers_after_a_quiet_period() -> None:
+    now = [0.0]
+    cap = BatchCap(16, recovery_s=10.0, clock=lambda: now[0])
+    assert cap.lower(12) == 6 and cap.current() == 6
+    now[0] = 9.9
+    assert cap.current() == 6
+    now[0] = 10.0
+    assert cap.current() == 12  # one doubling per quiet period ...
+    now[0] = 20.0
+    assert cap.current() == 16  # ... never above the batch size
+    assert cap.lower(1) == 1  # a single row that does not fit still leaves a cap of one
+
+
+async def test_rows_set_aside_resume_even_in_an_engine_that_takes_no_joiners(
+    make_batcher: MakeBatcher, closing: list[DynamicBatcher],
+) -> None:
+    engine = OutOfMemoryEngine(oom_above=2, oom_from=3, max_num_seqs=0)  # free_slots() is always 0
+    batcher = await start(make_batcher(engine, batch_size=4, max_wait_time=0.5), closing)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(collect(batcher, request(f"r{i}", 6, f"prompt {i}")) for i in range(4))), timeout=10)
+    assert [sum(e.num_tokens for e in events) for events in results] == [6, 6, 6, 6]

@@ -239,3 +239,63 @@ def test_eos_ends_a_request_unless_ignored(
     )
     event = seq.append(engine.tokenizer.eos_token_id)
     assert event.finish_reason == finish_reason and event.text == ""
+
+
+def test_suspended_rows_resume_where_they_stopped(engine: HFEngine) -> None:
+    requests = [EngineRequest(f"r{i}", p, greedy()) for i, p in enumerate(PROMPTS[:3])]
+    singles = [alone(engine, r.prompt, greedy()).token_ids for r in requests]
+    run = Run(engine, joins={9: [requests[1], requests[2]]})  # resumed: prefilled from prompt + tokens
+    original_step = engine.step
+    calls = [0]
+
+    def step_then_suspend() -> list[Any]:
+        calls[0] += 1
+        events = original_step()
+        if calls[0] == 4:
+            engine.suspend(["r1", "r2"])  # after 4 tokens, two rows wait (an out-of-memory split)
+        return events
+
+    engine.step = step_then_suspend  # type: ignore[method-assign]
+    try:
+        outcomes = run(requests)
+    finally:
+        del engine.step
+    assert [outcomes[r.request_id].token_ids for r in requests] == singles
+    assert [len(t) for t in singles] == [24, 24, 24]
+
+
+def test_a_step_that_runs_out_of_memory_loses_nothing(engine: HFEngine) -> None:
+    import torch
+
+    requests = [EngineRequest(f"r{i}", p, greedy(16)) for i, p in enumerate(PROMPTS)]
+    singles = [alone(engine, r.prompt, greedy(16)).token_ids for r in requests]
+    decode_steps = [0]
+
+    def out_of_memory(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        if kwargs["input_ids"].shape == (4, 1):  # a decode step of all four rows ...
+            decode_steps[0] += 1
+            if decode_steps[0] == 5:  # ... after they hold a few tokens
+                raise torch.OutOfMemoryError("CUDA out of memory")
+
+    handle = engine.model.register_forward_pre_hook(out_of_memory, with_kwargs=True)
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    try:
+        for request in requests:
+            engine.prepare(request)
+        engine.add(requests)
+        failures = 0
+        while engine.num_running or any(r.request_id in engine._suspended for r in requests):
+            try:
+                events = engine.step()
+            except torch.OutOfMemoryError:  # what the batcher does: set the newest rows aside
+                failures += 1
+                engine.suspend(["r2", "r3"])
+                continue
+            for event in events:
+                tokens[event.request_id] += event.token_ids
+            if not engine.num_running:
+                engine.add([r for r in requests if r.request_id in engine._suspended])
+    finally:
+        handle.remove()
+    assert failures == 1
+    assert [tokens[r.request_id] for r in requests] == singles

@@ -293,6 +293,19 @@ def test_bad_job_requests_get_an_error_naming_the_field(
     assert error["error"]["message"]
 
 
+def test_dataset_refs_that_leave_the_datasets_dir_are_refused(cluster: Cluster) -> None:
+    outside = cluster.tmp / "secret.jsonl"  # a valid dataset, just not in --datasets-dir
+    link = cluster.datasets / "link.jsonl"
+    if not link.exists():
+        link.symlink_to(outside)
+    for ref in (str(outside), "link", "../secret", "sub/../../secret.jsonl"):
+        status, error = call(
+            "POST", cluster.lb + "/eval/jobs", {"model_id": "answer-stub", "dataset_ref": ref}
+        )
+        assert (status, error["error"]["param"]) == (400, "dataset_ref"), (ref, error)
+        assert "datasets directory" in error["error"]["message"]
+
+
 def test_a_bad_dataset_line_is_refused_naming_the_line(cluster: Cluster) -> None:
     (cluster.datasets / "broken.jsonl").write_text('{"prompt": "1 + 1", "answer": "2"}\n{"prompt": "x"}\n')
     status, error = call(
@@ -368,6 +381,71 @@ def test_a_job_survives_a_sigkilled_balancer_and_belongs_to_its_key(cluster: Clu
         assert call("GET", f"{url}/jobs/{job['id']}", key="bob")[0] == 404  # another key's job
         assert call("GET", f"{url}/jobs", key="bob")[1]["data"] == []
         assert call("GET", f"{url}/jobs")[0] == 401
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+@pytest.mark.timeout(300)
+def test_eval_job_on_the_tiny_transformers_model_scores_its_real_replies(
+    cluster: Cluster, tiny_model_dir: Path
+) -> None:
+    """Greedy replies are learnt first through the balancer; a dataset that expects two of them (and not the
+    other two) must then score exactly 2 of 4 under exact_match."""
+    procs: list[ManagedProcess] = []
+    try:
+        worker, worker_url = start(
+            procs,
+            cluster.tmp,
+            "hf",
+            "workers",
+            "--engine",
+            "hf",
+            "--model-path",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--served-model-name",
+            "tiny",
+        )
+        worker.wait_http_ok(worker_url + "/health", timeout=240)
+        _, url = start_lb(procs, cluster.tmp, [worker_url], cluster.tmp / "data-tiny", cluster.datasets)
+        prompts = ["Hello", "def main", "The capital of France is", "import os"]
+        replies = []
+        for prompt in prompts:
+            status, body = call(
+                "POST",
+                url + "/v1/chat/completions",
+                {
+                    "model": "tiny",
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": 4,
+                    "temperature": 0,
+                },
+            )
+            assert status == 200, body
+            replies.append(body["choices"][0]["message"]["content"])
+        rows = [
+            {"prompt": p, "answer": r if i % 2 == 0 else r + " (not said)"}
+            for i, (p, r) in enumerate(zip(prompts, replies, strict=True))
+        ]
+        (cluster.datasets / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        status, job = call(
+            "POST",
+            url + "/eval/jobs",
+            {
+                "model_id": "tiny",
+                "dataset_ref": "tiny",
+                "metrics": ["exact_match"],
+                "max_tokens": 4,
+            },
+        )
+        assert status == 200, job
+        job = wait_job(url, job["id"], timeout=120)
+        assert job["status"] == "completed", job["error"]
+        samples = jsonl(download(f"{url}/eval/jobs/{job['id']}/samples"))
+        assert [s["response"] for s in sorted(samples, key=lambda s: s["index"])] == replies
+        assert job["result"]["correct"] == sum(s["correct"] for s in samples) == 2
     finally:
         for proc in reversed(procs):
             proc.stop()

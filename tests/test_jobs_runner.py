@@ -112,7 +112,7 @@ async def run_until(runner: JobRunner, done: Callable[[], bool]) -> None:
 
 async def submit_eval(runner: JobRunner, datasets: Path, **fields: Any) -> str:
     spec = eval_job.parse({"model_id": "m", "dataset_ref": "arith", **fields}, datasets, 1000)
-    job = await runner.submit("eval", "m", None, spec.request, lambda d: eval_job.EvalKind().prepare(d, spec))
+    job = await runner.submit("eval", None, spec)
     return job.id
 
 
@@ -185,9 +185,7 @@ async def test_self_instruct_writes_the_asked_number_of_examples_in_shards(
     runner = runner_for(batches)
     body = {"model_id": "m", "strategy": "self_instruct", "config": {"num_examples": 5, "shard_size": 2}}
     spec = data_gen.parse(body, tmp_path / "ds", 1000)
-    job = await runner.submit(
-        "data_gen", "m", None, spec.request, lambda d: data_gen.DataGenKind().prepare(d, spec)
-    )
+    job = await runner.submit("data_gen", None, spec)
     await run_until(runner, lambda: runner.store.get(job.id, None).is_finished)
     job = runner.store.get(job.id, None)
     assert job.status == "completed", job.error

@@ -13,7 +13,8 @@ import psutil
 from openai import OpenAI
 
 from tests.launch_support import Launched
-from tests.processes import free_port, test_env
+from tests.processes import free_port
+from tests.processes import test_env as child_env
 
 API_KEY = "sk-launch-SECRET-5151"
 
@@ -37,7 +38,7 @@ def test_launch_keeps_key_and_admin_token_off_command_lines_banner_and_logs(
     # the key reaches the launcher through its environment, so its own command line is clean too
     cluster = launch(
         "--engine", "fake", "--cpu-workers", "2", "--port", str(port), "--worker-base-port", str(free_port()),
-        "--health-check-interval", "1", env=test_env(IB_CLUSTER_API_KEY=API_KEY),
+        "--health-check-interval", "1", env=child_env(IB_CLUSTER_API_KEY=API_KEY),
     )  # fmt: skip
     record = cluster.wait_ready(timeout=120)
     token_file, key_file = cluster.run_dir / "admin-token", cluster.run_dir / "api-key"

@@ -154,11 +154,13 @@ async def test_stats_and_metrics_shape(upstreams: Any, balancer: Any, http: aioh
         "queue_depth",
         "workers",
         "batches",
+        "model_switch",
     } == set(stats)
     assert {
         "index",
         "url",
         "healthy",
+        "draining",
         "requests_served",
         "errors",
         "in_flight",
@@ -166,6 +168,10 @@ async def test_stats_and_metrics_shape(upstreams: Any, balancer: Any, http: aioh
         "consecutive_failures",
         "last_check",
         "latency_ms_p50",
+        "weight",
+        "tokens_in_flight",
+        "busy_for_s",
+        "discovered",
     } == set(stats["workers"][0])
     assert stats["workers"][0]["requests_served"] == 1 and stats["total_requests"] == 1
     async with http.get(url + "/metrics") as resp:

@@ -70,7 +70,9 @@ async def test_api_key_is_required(spawn: SpawnFn, sdk_for: SdkFor, tmp_path: Pa
 
 async def test_admin_adds_a_worker_and_drain_removes_it(spawn: SpawnFn, sdk_for: SdkFor) -> None:
     first, second = start_workers(spawn, 2, "--fake-step-latency", "0.02")
-    lb = start_lb(spawn, [])  # no workers yet: the launcher and the SLURM job add them
+    # round robin, not least_connections: the latter avoids the busy draining worker anyway, so only round
+    # robin shows that a draining worker is taken out of the rotation
+    lb = start_lb(spawn, [], "--policy", "round_robin")  # no workers yet: the launcher and SLURM job add them
     assert get_json(lb.url + "/stats")["total_workers"] == 0
     for worker in (first, second):
         status, body = post_json(lb.url + "/workers", {"url": worker.url})

@@ -55,11 +55,13 @@ async def test_retries_a_503_on_another_backend(
     draining, ok = await upstreams(), await upstreams()
     url = await balancer([draining, ok], policy="round_robin")
     draining.status = 503
+    retries = 0
     for _ in range(4):
         async with http.post(url + CHAT, json=chat()) as resp:
             assert resp.status == 200
             assert resp.headers["X-LB-Worker"] == "1"
-    assert draining.requests >= 1
+            retries += int(resp.headers["X-LB-Retries"])
+    assert draining.requests >= 1 and retries == draining.requests  # each 503 was one retry, and said so
 
 
 async def test_refused_connection_is_retried_and_marks_backend_down(
@@ -68,9 +70,12 @@ async def test_refused_connection_is_retried_and_marks_backend_down(
     dead, ok = await upstreams(), await upstreams()
     url = await balancer([dead, ok], policy="round_robin", health_check_interval=30)
     await dead.stop()
+    retries = []
     for _ in range(4):
         async with http.post(url + CHAT, json=chat()) as resp:
             assert resp.status == 200 and resp.headers["X-LB-Worker"] == "1"
+            retries.append(resp.headers["X-LB-Retries"])
+    assert retries[0] == "1"  # round robin sent the first to the dead backend, then retried it elsewhere
     async with http.get(url + "/stats") as resp:
         stats = await resp.json()
     assert [w["healthy"] for w in stats["workers"]] == [False, True]
@@ -131,9 +136,12 @@ async def test_full_worker_429_is_retried_elsewhere(
     full, ok = await upstreams(), await upstreams()
     url = await balancer([full, ok], policy="round_robin")
     full.status = 429
+    retries = 0
     for _ in range(3):
         async with http.post(url + CHAT, json=chat()) as resp:
             assert resp.status == 200 and resp.headers["X-LB-Worker"] == "1"
+            retries += int(resp.headers["X-LB-Retries"])
+    assert full.requests >= 1 and retries == full.requests
     async with http.get(url + "/stats") as resp:
         assert (await resp.json())["workers"][0]["healthy"]  # full is not dead
 

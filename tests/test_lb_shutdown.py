@@ -72,7 +72,7 @@ async def wait_exit(lb: Proc, timeout: float) -> int | None:  # noqa: ASYNC109 -
 
 
 async def test_health_turns_503_while_draining_and_livez_stays_200(spawn: SpawnFn, slow_worker: Proc) -> None:
-    lb = start_lb(spawn, [slow_worker], "--drain-timeout", "20")
+    lb = start_lb(spawn, [slow_worker], "--drain-timeout", "60")
     async with aiohttp.ClientSession() as http:
         async with http.get(lb.url + "/health") as before:
             assert before.status == 200
@@ -89,8 +89,8 @@ async def test_health_turns_503_while_draining_and_livez_stays_200(spawn: SpawnF
                 assert refused.status == 503 and body["error"]["code"] == "shutting_down"
                 assert refused.headers["Retry-After"]
             assert lb.proc.popen.poll() is None  # the stream still runs: the balancer waits for it
-    # the client closed the stream: nothing is in flight any more, so the drain ends well before 20 s
-    assert await wait_exit(lb, 10) == 0
+    # the client closed the stream: nothing is in flight any more, so the drain ends long before its 60 s
+    assert await wait_exit(lb, 30) == 0, lb.proc.log_tail()
 
 
 async def test_queued_request_gets_503_at_shutdown(spawn: SpawnFn, slow_worker: Proc) -> None:
@@ -109,8 +109,8 @@ async def test_queued_request_gets_503_at_shutdown(spawn: SpawnFn, slow_worker: 
                 body = await reply.json()
             # answered at once, while the holder still runs (it would otherwise get the slot in ~10 s)
             assert reply.status == 503 and body["error"]["code"] == "shutting_down"
-            assert time.monotonic() - started < 3
-        assert await wait_exit(lb, 10) == 0
+            assert time.monotonic() - started < 6
+        assert await wait_exit(lb, 30) == 0, lb.proc.log_tail()
 
 
 @pytest.mark.parametrize("front", ["--fast-front", "--no-fast-front"])
@@ -131,7 +131,7 @@ async def test_stream_cut_at_the_drain_deadline_ends_with_an_sse_error_event(
     error = json.loads(events[-1])["error"]
     assert error["code"] == "shutting_down" and "drain deadline" in error["message"]
     assert len(events) < 150  # cut after ~1 s of a ~10 s stream
-    assert await wait_exit(lb, 10) == 0
+    assert await wait_exit(lb, 30) == 0, lb.proc.log_tail()
 
 
 async def test_second_signal_exits_at_once(spawn: SpawnFn, slow_worker: Proc, tmp_path: Path) -> None:
@@ -145,7 +145,7 @@ async def test_second_signal_exits_at_once(spawn: SpawnFn, slow_worker: Proc, tm
         await asyncio.sleep(0.5)
         assert lb.proc.popen.poll() is None  # draining: it would wait up to 30 s for the stream
         lb.proc.signal(signal.SIGINT)
-        assert await wait_exit(lb, 3) == 1
+        assert await wait_exit(lb, 10) == 1  # not the 30 s drain
     assert "second signal (SIGINT) while draining: exiting now" in lb.proc.log_path.read_text()
 
 

@@ -14,7 +14,7 @@ from lb.backends import BackendPool
 from lb.config import BalancerConfig, load
 from lb.errors import ModelNotFound, NoHealthyBackend, QueueFull, Unauthorized
 from lb.model_routing import ModelRouter, normalise
-from lb.policies import POLICIES, LeastConnections, PowerOfTwo, RoundRobin
+from lb.policies import POLICIES, LeastConnections, PowerOfTwo, RoundRobin, Tuning
 from lb.settings import ConfigError, from_mapping
 
 
@@ -49,7 +49,7 @@ def test_least_connections_spreads_ties() -> None:
 def test_power_of_two_never_picks_the_busier_of_its_pair() -> None:
     pool = healthy_pool(2)
     pool.backends[0].in_flight = 3
-    policy = PowerOfTwo(random.Random(0))
+    policy = PowerOfTwo(Tuning(rng=random.Random(0)))
     assert all(policy.choose(pool.routable).index == 1 for _ in range(50))
 
 

@@ -48,3 +48,22 @@ def test_cli_writes_the_model_files(tmp_path: Path) -> None:
     tiny_model.main([str(tmp_path / "cli"), "--seed", "3", "--train-bytes", "200000"])
     written = {p.name for p in (tmp_path / "cli").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= written
+
+
+def test_dllm_same_seed_gives_same_bytes_and_loads_bidirectional(tiny_dllm_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    rebuilt = tiny_model.build_dllm(tmp_path / "again", seed=0, train_bytes=300_000)  # weights: corpus-free
+    for name in ("model.safetensors", "config.json", "modeling_tiny_dllm.py"):
+        assert (rebuilt / name).read_bytes() == (tiny_dllm_dir / name).read_bytes()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dllm_dir, trust_remote_code=True)
+    model = AutoModel.from_pretrained(tiny_dllm_dir, trust_remote_code=True).eval()  # the real loading path
+    assert model.config.model_type == "tiny_dllm"
+    assert model.config.mask_token_id == tokenizer.mask_token_id == 3
+    ids = torch.tensor([tokenizer.encode("def main():") + [3] * 4])
+    changed = ids.clone()
+    changed[0, -1] = 42  # a change at the END of the sequence ...
+    with torch.inference_mode():
+        first, second = model(ids).logits, model(changed).logits
+    assert not torch.allclose(first[0, 0], second[0, 0])  # ... reaches the FIRST position: no causal mask

@@ -77,3 +77,21 @@ async def test_failed_requests_are_counted_by_status(client: Client) -> None:
     text = await (await client.get("/metrics")).text()
     assert 'worker_requests_total{endpoint="completions",model="fake-model",status="400"} 1.0' in text
     assert 'worker_requests_total{endpoint="completions",model="fake-model",status="200"} 1.0' in text
+
+
+async def test_out_of_memory_lowers_the_batch_cap_reported_in_health_and_metrics() -> None:
+    import asyncio
+
+    from tests.test_batcher import OutOfMemoryEngine
+
+    config = WorkerConfig(engine="fake", batch_size=4, max_wait_time=0.2)
+    app = create_app(config, OutOfMemoryEngine(oom_above=1))
+    async with TestClient(TestServer(app)) as test_client:
+        await app[LOAD_TASK]
+        body = {"prompt": "hello", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+        answers = await asyncio.gather(*(test_client.post("/v1/completions", json=body) for _ in range(4)))
+        assert [a.status for a in answers] == [200] * 4  # no request lost
+        health = await (await test_client.get("/health")).json()
+        assert (health["batch_size"], health["batch_cap"]) == (4, 1)
+        metrics = await (await test_client.get("/metrics")).text()
+        assert 'worker_batch_cap{model="fake-model"} 1.0' in metrics

@@ -23,7 +23,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     state.require_ready()
     info = state.engine.info
-    gen = parse_request("generate", parse_json_body(await request.read()), info.model, info.max_model_len)
+    gen = parse_request("generate", parse_json_body(await request.read()), info.model, info.max_model_len,
+                        diffusion=info.engine == "dllm")
     assert gen.prompt is not None
     async with Generation(state, gen, gen.prompt, "gen") as run:
         if not gen.stream:

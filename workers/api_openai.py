@@ -25,7 +25,8 @@ async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
     state = request.app[STATE]
     state.require_ready()
     info = state.engine.info
-    gen = parse_request(endpoint, parse_json_body(await request.read()), info.model, info.max_model_len)
+    gen = parse_request(endpoint, parse_json_body(await request.read()), info.model, info.max_model_len,
+                        diffusion=info.engine == "dllm")
     if gen.messages is not None:
         prompt = await state.batcher.render_chat(gen.messages)
     else:

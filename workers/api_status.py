@@ -26,10 +26,13 @@ async def health(request: web.Request) -> web.Response:
         "queue_depth": state.batcher.queue_depth,
         "running": state.batcher.running,
         "batch_size": state.config.batch_size,
+        "batch_cap": state.batcher.cap.current(),  # below batch_size for a while after running out of memory
         "pid": state.pid,
     }
     if state.error:
         body["error"] = state.error
+    if state.load is not None:  # the latest in-place model swap (POST /admin/load)
+        body["load"] = state.load.as_dict()
     return web.json_response(body, status=200 if state.status == "ok" else 503)
 
 

@@ -6,8 +6,10 @@ thread loops: admit (a fresh batch into an idle engine, or queued requests into 
 running rows: continuous batching), retire cancelled rows (`Engine.abort`), advance one `Engine.step`, and
 hand that step's events to the event loop with one `call_soon_threadsafe`, which puts each event on its
 submission's asyncio queue; finished rows leave. Admission, cancellation and delivery live here once, for
-every engine. A cancelled request leaves the queue at once, or the engine before its next step. One engine
-exception is fanned out to every request it affected; the worker keeps serving.
+every engine. A cancelled request leaves the queue at once, or the engine before its next step. A step that
+runs out of memory splits the batch: the newest rows are set aside (`Engine.suspend`, nothing they generated
+is lost) and the cap on rows per step is lowered for a while (batch_cap.py); the rest step again at once.
+Any other engine exception is fanned out to every request it affected; the worker keeps serving.
 
 Threads: the event loop (submit, cancel, delivery), one "prepare" thread (tokenising, so a long prompt never
 blocks the loop nor waits behind a batch) and one "engine" thread (load, then step). Shared state (the
@@ -27,7 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
-from workers.engines.base import Engine, EngineRequest, PromptTooLongError, TokenEvent
+from workers.batch_cap import BatchCap
+from workers.engines.base import Engine, EngineRequest, PromptTooLongError, TokenEvent, is_out_of_memory
 from workers.errors import EngineFailed, NotReady, QueueFull
 from workers.metrics import WorkerMetrics
 from workers.submission import Submission
@@ -51,6 +54,7 @@ class DynamicBatcher:
     ) -> None:
         self.engine = engine
         self.batch_size = batch_size
+        self.cap = BatchCap(batch_size)  # lowered while steps run out of memory
         self.max_wait_time = max_wait_time  # seconds
         self.max_queue = max_queue
         self.metrics = metrics
@@ -61,6 +65,7 @@ class DynamicBatcher:
         self._queue: deque[_Entry] = deque()
         self._running: dict[str, Submission] = {}  # request id -> its submission, while in the engine
         self._active: dict[str, _Entry] = {}  # what the engine holds; changed on the engine thread only
+        self._suspended: deque[str] = deque()  # held by the engine, set aside (out of memory); resumed first
         self._cancelled: set[str] = set()
         self._preparing = 0  # requests between admission and the queue (tokenising); loop thread only
         self._stopping = False
@@ -217,15 +222,23 @@ class DynamicBatcher:
     def _admit(self) -> bool:
         """Hand queued requests to the engine: a fresh batch when it is idle (after waiting for one to fill),
         else as many as fit beside the running rows, without waiting. False once the batcher is stopping."""
+        resumed: list[str] = []
         with self._wakeup:
+            cap = self.cap.current()
             if self._active:
-                room = min(self.batch_size - len(self._active), self.engine.free_slots(), len(self._queue))
+                room = cap - self._stepping
+                if self._stepping:  # an engine with nothing to step takes what the cap allows, as fresh
+                    room = min(room, self.engine.free_slots())
+                resumed = [self._suspended.popleft() for _ in range(min(max(room, 0), len(self._suspended)))]
+                room = min(room - len(resumed), len(self._queue))
                 entries = [self._queue.popleft() for _ in range(max(room, 0))]
             else:
-                entries = self._wait_for_batch()
+                entries = self._wait_for_batch(cap)
             if self._stopping:
                 return False
             self._running.update((e.request.request_id, e.submission) for e in entries)
+        if resumed:
+            self.engine.add([self._active[rid].request for rid in resumed])
         if entries:
             if self.metrics is not None:
                 if self._active:
@@ -236,20 +249,25 @@ class DynamicBatcher:
             self.engine.add([e.request for e in entries])
         return True
 
-    def _wait_for_batch(self) -> list[_Entry]:
-        """Under the lock: block until a batch is due (batch_size queued, or the oldest waited
+    @property
+    def _stepping(self) -> int:
+        """Rows the engine advances at its next step (held and not set aside)."""
+        return len(self._active) - len(self._suspended)
+
+    def _wait_for_batch(self, cap: int) -> list[_Entry]:
+        """Under the lock: block until a batch is due (cap requests queued, or the oldest waited
         max_wait_time) and take it; empty when stopping."""
         while not self._queue and not self._stopping:
             self._wakeup.wait()
         if self._stopping:
             return []
         deadline = self._queue[0].enqueued_at + self.max_wait_time
-        while len(self._queue) < self.batch_size and not self._stopping:
+        while len(self._queue) < cap and not self._stopping:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             self._wakeup.wait(remaining)
-        return [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
+        return [self._queue.popleft() for _ in range(min(cap, len(self._queue)))]
 
     def _step(self) -> None:
         """Retire cancelled rows, advance the engine one step, deliver its events."""
@@ -260,20 +278,42 @@ class DynamicBatcher:
             self.engine.abort(gone)
             for request_id in gone:
                 del self._active[request_id]
+                if request_id in self._suspended:
+                    self._suspended.remove(request_id)
         if not self._active:
             return
+        stepping = self._stepping
         try:
             events = self.engine.step()
-        except Exception as exc:  # one engine failure fails exactly the requests it was generating
-            log.exception("engine failed in a step of %d requests", len(self._active))
+        except Exception as exc:
+            if is_out_of_memory(exc) and stepping > 1:
+                self._split(stepping, exc)
+                return  # the next iteration steps the rows that are left, and admits by the lower cap
+            # one engine failure fails exactly the requests it was generating
+            log.exception("engine failed in a step of %d requests", stepping)
             failure = EngineFailed(f"the engine failed: {type(exc).__name__}: {exc}")
-            self._fail(self._live(self._active), failure)
-            self._retire(list(self._active))
+            failed = {rid: e for rid, e in self._active.items() if rid not in self._suspended}
+            self._fail(self._live(failed), failure)
+            self._retire(list(failed))
             return
         self._dispatch(events)
 
+    def _split(self, rows: int, exc: BaseException) -> None:
+        """A step of `rows` rows ran out of memory: lower the cap to half of them and set the newest rows
+        aside (the engine keeps what they generated); they resume, first in line, as rows finish."""
+        cap = self.cap.lower(rows)
+        stepping = [rid for rid in self._active if rid not in self._suspended]  # admission order
+        aside = stepping[cap:]
+        self.engine.suspend(aside)
+        self._suspended.extendleft(reversed(aside))
+        log.warning("out of memory in a step of %d rows (%s): batch cap lowered to %d of %d, %d rows wait; "
+                    "it recovers after %.0fs without another", rows, exc, cap, self.batch_size, len(aside),
+                    self.cap.recovery_s)
+        if self.metrics is not None:
+            self.metrics.observe_out_of_memory()
+
     def _retire(self, request_ids: list[str]) -> None:
-        """These requests left the engine (finished or failed): forget them everywhere."""
+        """These requests failed: drop them from the engine and forget them everywhere."""
         self.engine.abort([rid for rid in request_ids if rid in self._active])
         with self._lock:
             for request_id in request_ids:
@@ -294,6 +334,8 @@ class DynamicBatcher:
                 if event.finished:
                     finished.append(event.request_id)
                     self._active.pop(event.request_id)
+                    if event.request_id in self._suspended:  # its last event came from a failed step
+                        self._suspended.remove(event.request_id)
                     self._running.pop(event.request_id, None)
                     self._cancelled.discard(event.request_id)
         if deliveries:

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from workers.engines.base import PromptTooLongError
+from workers.engines.base import BadEngineParameter, PromptTooLongError
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ def as_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, PromptTooLongError):
         return ContextLengthExceeded(str(exc), param="max_tokens")
+    if isinstance(exc, BadEngineParameter):
+        return InvalidRequest(str(exc), param=exc.field)
     return EngineFailed(f"internal error: {type(exc).__name__}: {exc}")
 
 
@@ -140,7 +142,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         problem = InvalidRequest(exc.reason or exc.text or "bad request")
         problem.status = exc.status
         return error_response(problem)
-    except PromptTooLongError as exc:
+    except (PromptTooLongError, BadEngineParameter) as exc:
         return error_response(as_api_error(exc))
     except Exception as exc:  # the request's outer edge: log it, answer 500, keep serving everyone else
         log.exception("unhandled error in %s %s", request.method, request.path)

@@ -13,8 +13,8 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 
-from workers.engines.base import EngineRequest, PromptTooLongError, TokenEvent
-from workers.errors import ContextLengthExceeded
+from workers.engines.base import BadEngineParameter, EngineRequest, PromptTooLongError, TokenEvent
+from workers.errors import ContextLengthExceeded, InvalidRequest
 from workers.protocol import GenerationRequest
 from workers.state import WorkerState
 from workers.submission import Submission
@@ -52,6 +52,11 @@ class Generation:
         self.arrived_at = time.monotonic()
         self.choices = [Choice(i) for i in range(request.n)]
         params = request.params
+        default_max_tokens = state.engine.info.default_max_tokens
+        # no max_tokens: up to the end of the context, unless the engine has its own default length
+        self._fill_context = request.max_tokens is None and default_max_tokens is None
+        if request.max_tokens is None and default_max_tokens is not None:
+            params = replace(params, max_new_tokens=default_max_tokens)
         self._requests = [
             EngineRequest(f"{self.id}-{i}", prompt,
                           params if params.seed is None else replace(params, seed=params.seed + i))
@@ -80,12 +85,14 @@ class Generation:
 
     async def __aenter__(self) -> Generation:
         submit = self.state.batcher.submit(
-            self._requests, fill_context=self.request.max_tokens is None, arrived_at=self.arrived_at
+            self._requests, fill_context=self._fill_context, arrived_at=self.arrived_at
         )
         try:
             self._submission = await self._stack.enter_async_context(submit)
         except PromptTooLongError as exc:
             raise ContextLengthExceeded(str(exc), param=self.request.prompt_field) from None
+        except BadEngineParameter as exc:
+            raise InvalidRequest(str(exc), param=exc.field) from None
         return self
 
     async def __aexit__(

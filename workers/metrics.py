@@ -49,6 +49,10 @@ class WorkerMetrics:
                                 ["model", "endpoint", "status"], registry=self.registry)
         self.request_latency = Histogram("worker_request_latency_seconds", "Arrival to last token",
                                          labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_cap = Gauge("worker_batch_cap", "Most rows stepped together now: the batch size, lower "
+                               "for a while after an out-of-memory step", labels, registry=self.registry)
+        self.out_of_memory = Counter("worker_out_of_memory_steps", "Steps that ran out of memory (the "
+                                     "batch was split and retried)", labels, registry=self.registry)
         self.ttft = Histogram("worker_time_to_first_token_seconds", "Arrival to first generated token",
                               labels, buckets=LATENCY_BUCKETS, registry=self.registry)
 
@@ -56,6 +60,12 @@ class WorkerMetrics:
         """Read queue depth and running count from their owner at scrape time."""
         self.queue_depth.labels(self.model).set_function(queue_depth)
         self.running.labels(self.model).set_function(running)
+
+    def track_cap(self, cap: Callable[[], float]) -> None:
+        self.batch_cap.labels(self.model).set_function(cap)
+
+    def observe_out_of_memory(self) -> None:
+        self.out_of_memory.labels(self.model).inc()
 
     def observe_batch(self, size: int) -> None:
         self.batches.labels(self.model).inc()

@@ -6,7 +6,8 @@ Accepted because clients (the OpenAI SDK, `vllm bench serve`) send them harmless
 these only at their neutral value: frequency_penalty 0, presence_penalty 0, logprobs null/false,
 top_logprobs null/0, echo false, best_of null/1, logit_bias null/{}, suffix null, tools null/[],
 tool_choice null/"none", response_format null/{"type": "text"}, parallel_tool_calls, store null/false,
-metadata null. Anything else is refused with a 400 naming it, never silently ignored.
+metadata null. With the dllm engine also its own fields (workers/diffusion_fields.py). Anything else is
+refused with a 400 naming it, never silently ignored.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from workers.engines.base import SamplingParams
+from workers.diffusion_fields import DIFFUSION_KEYS, parse_diffusion
+from workers.engines.base import DiffusionParams, SamplingParams
 from workers.errors import InvalidRequest, ModelNotFound, UnsupportedParameter
 from workers.fields import Fields
 
@@ -72,18 +74,22 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
 
 
 def parse_request(
-    endpoint: Endpoint, body: dict[str, Any], model: str, max_model_len: int
+    endpoint: Endpoint, body: dict[str, Any], model: str, max_model_len: int, *, diffusion: bool = False,
 ) -> GenerationRequest:
-    """Validate `body` for `endpoint` against the served `model` name and the context length."""
-    _check_keys(endpoint, body)
+    """Validate `body` for `endpoint` against the served `model` name and the context length.
+
+    `diffusion`: the worker runs the dllm engine, so its extra fields (diffusion_fields.py) are allowed.
+    """
+    _check_keys(endpoint, body, DIFFUSION_KEYS if diffusion else frozenset())
     fields = Fields(body)
+    overrides = parse_diffusion(fields) if diffusion else DiffusionParams()
     requested_model = fields.string("model", None)
     if requested_model is not None and requested_model != model:
         raise ModelNotFound(f"the model {requested_model!r} does not exist; this worker serves {model!r}",
                             param="model")
     fields.string("user", None)
     if endpoint == "generate":
-        return _parse_generate(fields, max_model_len)
+        return _parse_generate(fields, max_model_len, overrides)
     prompt = _parse_prompt(body) if endpoint == "completions" else None
     messages = _parse_messages(body) if endpoint == "chat" else None
     max_tokens = fields.integer("max_completion_tokens", None, minimum=1)
@@ -91,9 +97,11 @@ def parse_request(
         max_tokens = fields.integer("max_tokens", None, minimum=1)
     else:
         fields.integer("max_tokens", None, minimum=1)
+    if overrides.gen_length is not None:  # the diffusion engine's name for the generated length
+        max_tokens = overrides.gen_length
     if max_tokens is None and endpoint == "completions":
         max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
-    _check_max_tokens(max_tokens, max_model_len, "max_tokens")
+    _check_max_tokens(max_tokens, max_model_len, "gen_length" if overrides.gen_length else "max_tokens")
     stream = fields.boolean("stream", False)
     stream_options = body.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
@@ -109,27 +117,32 @@ def parse_request(
     include_usage = Fields(stream_options, "stream_options.").boolean("include_usage", False)
     return GenerationRequest(
         endpoint=endpoint, prompt=prompt, messages=messages,
-        params=_sampling(fields, max_tokens or 1, greedy=False),
+        params=_sampling(fields, max_tokens or 1, greedy=False, diffusion=overrides),
         max_tokens=max_tokens, n=fields.integer("n", 1, minimum=1, maximum=MAX_N),
         stream=stream, include_usage=include_usage,
     )
 
 
-def _parse_generate(fields: Fields, max_model_len: int) -> GenerationRequest:
+def _parse_generate(fields: Fields, max_model_len: int, overrides: DiffusionParams) -> GenerationRequest:
     """The native endpoint: HF `generate` semantics, so sampling happens only with do_sample true."""
     prompt = _parse_prompt(fields.body)
     max_tokens = fields.integer("max_new_tokens", SamplingParams.max_new_tokens, minimum=1)
-    _check_max_tokens(max_tokens, max_model_len, "max_new_tokens")
+    if overrides.gen_length is not None:
+        max_tokens = overrides.gen_length
+    _check_max_tokens(max_tokens, max_model_len, "gen_length" if overrides.gen_length else "max_new_tokens")
     do_sample = fields.boolean("do_sample", False)
     return GenerationRequest(
         endpoint="generate", prompt=prompt, messages=None,
-        params=_sampling(fields, max_tokens, greedy=not do_sample), max_tokens=max_tokens,
+        params=_sampling(fields, max_tokens, greedy=not do_sample, diffusion=overrides),
+        max_tokens=max_tokens,
         n=fields.integer("num_return_sequences", 1, minimum=1, maximum=MAX_N),
         stream=fields.boolean("stream", False), include_usage=False,
     )
 
 
-def _sampling(fields: Fields, max_new_tokens: int, *, greedy: bool) -> SamplingParams:
+def _sampling(
+    fields: Fields, max_new_tokens: int, *, greedy: bool, diffusion: DiffusionParams,
+) -> SamplingParams:
     top_k = fields.integer("top_k", 0, minimum=-1)
     temperature = fields.number("temperature", SamplingParams.temperature, minimum=0.0)
     return SamplingParams(
@@ -141,11 +154,12 @@ def _sampling(fields: Fields, max_new_tokens: int, *, greedy: bool) -> SamplingP
         stop=_parse_stop(fields.body.get("stop")),
         seed=fields.integer("seed", None),
         ignore_eos=fields.boolean("ignore_eos", False),
+        diffusion=diffusion,
     )
 
 
-def _check_keys(endpoint: Endpoint, body: dict[str, Any]) -> None:
-    allowed = ALLOWED_KEYS[endpoint]
+def _check_keys(endpoint: Endpoint, body: dict[str, Any], extra: frozenset[str]) -> None:
+    allowed = ALLOWED_KEYS[endpoint] | extra
     openai = endpoint != "generate"
     for key, value in body.items():
         if key in allowed or (openai and key in _ANY_VALUE):

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from workers import api_native, api_openai, api_status
+from workers import api_admin, api_info, api_native, api_openai, api_status, api_telemetry
 from workers.batcher import DynamicBatcher
 from workers.config import WorkerConfig
 from workers.engines import create_engine
@@ -58,6 +58,7 @@ def create_app(config: WorkerConfig, engine: Engine) -> web.Application:
     batcher = DynamicBatcher(engine, batch_size=config.batch_size, max_wait_time=config.max_wait_time,
                              max_queue=config.max_queue, metrics=metrics)
     metrics.track_load(lambda: batcher.queue_depth, lambda: batcher.running)
+    metrics.track_cap(batcher.cap.current)
     app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=MAX_BODY_BYTES)
     app[STATE] = WorkerState(config, engine, batcher, metrics)
     app.router.add_get("/health", api_status.health)
@@ -66,6 +67,11 @@ def create_app(config: WorkerConfig, engine: Engine) -> web.Application:
     app.router.add_post("/v1/completions", api_openai.completions)
     app.router.add_post("/v1/chat/completions", api_openai.chat_completions)
     app.router.add_post("/generate", api_native.generate)
+    api_telemetry.add_routes(app)
+    app.router.add_post("/admin/load", api_admin.load)
+    app.router.add_get("/admin/load", api_admin.latest)
+    app.router.add_get("/version", api_info.version)
+    app.router.add_get("/info", api_info.info)
     app.cleanup_ctx.append(_engine_lifecycle)
     return app
 

@@ -1,4 +1,4 @@
-"""Batch runs inside the balancer: the OpenAI Files and Batches API, durable in --data-dir, dispatched as bulk.
+"""Batch runs inside the balancer: OpenAI Files and Batches, durable in --data-dir, dispatched as bulk.
 
     POST /v1/files ──▶ files.py (streamed to data_dir/files) ──▶ store.py (SQLite rows)
     POST /v1/batches ──▶ batches.py: validating ─(validate.py, in a thread)─▶ in_progress | failed

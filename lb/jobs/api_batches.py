@@ -37,7 +37,7 @@ async def create(request: web.Request) -> web.Response:
 async def list_batches(request: web.Request) -> web.Response:
     service = request.app[STATE].batches
     owner = owner_of(request)
-    data, has_more = service.list(owner, request.query.get("after"), int_param(request, "limit", 20, 100))
+    data, has_more = service.page(owner, request.query.get("after"), int_param(request, "limit", 20, 100))
     return web.json_response(
         {
             "object": "list",

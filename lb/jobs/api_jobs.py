@@ -92,46 +92,29 @@ def _job(request: web.Request, type_: str | None) -> Job:
     return job
 
 
-async def create_eval(request: web.Request) -> web.Response:
+PARSERS = {"eval": eval_job.parse, "data_gen": data_gen.parse}
+
+
+async def create(request: web.Request) -> web.Response:
+    """POST /eval/jobs and /data_gen/jobs: validate everything (dataset lines in a thread), then submit."""
+    type_ = request.match_info["type"]
     state, owner = _state(request), owner_of(request)
     body = await json_object(request)
-    spec = await asyncio.to_thread(eval_job.parse, body, datasets_dir(state), state.config.batch_max_lines)
+    parse = PARSERS[type_]
+    spec = await asyncio.to_thread(parse, body, datasets_dir(state), state.config.batch_max_lines)
     check_model(state, spec.request["model_id"])
-    kind = eval_job.EvalKind()
-    job = await state.jobs.submit(
-        "eval", spec.request["model_id"], owner, spec.request, lambda job_dir: kind.prepare(job_dir, spec)
-    )
+    job = await state.jobs.submit(type_, owner, spec)
     return web.json_response(job_json(state.jobs, job))
 
 
-async def create_data_gen(request: web.Request) -> web.Response:
-    state, owner = _state(request), owner_of(request)
-    body = await json_object(request)
-    spec = await asyncio.to_thread(data_gen.parse, body, datasets_dir(state), state.config.batch_max_lines)
-    check_model(state, spec.request["model_id"])
-    kind = data_gen.DataGenKind()
-    job = await state.jobs.submit(
-        "data_gen", spec.request["model_id"], owner, spec.request, lambda job_dir: kind.prepare(job_dir, spec)
-    )
-    return web.json_response(job_json(state.jobs, job))
-
-
-async def get_eval(request: web.Request) -> web.Response:
-    return web.json_response(job_json(_state(request).jobs, _job(request, "eval")))
-
-
-async def get_data_gen(request: web.Request) -> web.Response:
-    return web.json_response(job_json(_state(request).jobs, _job(request, "data_gen")))
-
-
-async def get_any(request: web.Request) -> web.Response:
-    return web.json_response(job_json(_state(request).jobs, _job(request, None)))
+async def get(request: web.Request) -> web.Response:
+    """GET /jobs/{id}, or /eval/jobs/{id} and /data_gen/jobs/{id} (404 for a job of the other type)."""
+    return web.json_response(job_json(_state(request).jobs, _job(request, request.match_info.get("type"))))
 
 
 async def cancel(request: web.Request) -> web.Response:
-    type_ = request.match_info.get("type")
     runner = _state(request).jobs
-    job = await runner.cancel(_job(request, None if type_ is None else type_))
+    job = await runner.cancel(_job(request, request.match_info.get("type")))
     return web.json_response(job_json(runner, job))
 
 
@@ -203,17 +186,15 @@ async def data_gen_shard(request: web.Request) -> web.StreamResponse:
 
 def add_routes(app: web.Application) -> None:
     router = app.router
-    router.add_post("/eval/jobs", answers_errors(create_eval))
-    router.add_get("/eval/jobs/{job_id}", answers_errors(get_eval))
+    router.add_post("/{type:eval|data_gen}/jobs", answers_errors(create))
+    router.add_get("/{type:eval|data_gen}/jobs/{job_id}", answers_errors(get))
     router.add_get("/eval/jobs/{job_id}/samples", answers_errors(eval_samples))
-    router.add_post("/data_gen/jobs", answers_errors(create_data_gen))
-    router.add_get("/data_gen/jobs/{job_id}", answers_errors(get_data_gen))
     router.add_get("/data_gen/jobs/{job_id}/shards/{file}", answers_errors(data_gen_shard))
     router.add_post("/{type:eval|data_gen}/jobs/{job_id}/cancel", answers_errors(cancel))
     router.add_get("/{type:eval|data_gen}/jobs", answers_errors(list_jobs))
     router.add_get("/jobs", answers_errors(list_jobs))
     router.add_get("/jobs/stats", answers_errors(job_stats))
-    router.add_get("/jobs/{job_id}", answers_errors(get_any))
+    router.add_get("/jobs/{job_id}", answers_errors(get))
     router.add_post("/jobs/{job_id}/cancel", answers_errors(cancel))
     app.cleanup_ctx.append(_runner)
 

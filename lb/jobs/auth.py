@@ -6,6 +6,7 @@ import hashlib
 
 from aiohttp import web
 
+from lb.auth import client_key
 from lb.state import STATE
 
 
@@ -13,9 +14,9 @@ def owner_of(request: web.Request) -> str | None:
     """Check the client's key like the proxy does (401 without a good one); its owner tag, or None when the
     balancer has no keys (then every file and batch is everyone's)."""
     state = request.app[STATE]
-    header = request.headers.get("Authorization")
-    state.proxy.check_key(header)
+    authorization, api_key = request.headers.get("Authorization"), request.headers.get("X-API-Key")
+    state.proxy.check_key(authorization, api_key)
     if not state.config.api_keys():
         return None
-    token = header[7:].strip() if header else ""
+    token = client_key(authorization, api_key)
     return hashlib.sha256(token.encode()).hexdigest()[:32]

@@ -32,7 +32,7 @@ from lb.jobs.results import read_records
 from lb.jobs.run import BatchRun
 from lb.jobs.sender import Sender, refusal
 from lb.jobs.store import TERMINAL, JobStore, new_id, now
-from lb.jobs.validate import ENDPOINTS, Limits, validate_file
+from lb.jobs.validate import ENDPOINTS, Limits, LineError, validate_file
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter, normalise
 from lb.upstream import UpstreamClient
@@ -80,6 +80,10 @@ class BatchService:
             else:
                 self._start_run(row, stopping="cancelled" if row["status"] == "cancelling" else None)
         self._loop_task = asyncio.create_task(self.dispatcher.run(), name="lb-batches")
+
+    def pause(self) -> None:
+        """Shutdown has begun: dispatch no more lines, so the drain waits only for those on a worker."""
+        self.dispatcher.pause()
 
     async def stop(self) -> None:
         """Stop dispatching; lines in flight are dropped unrecorded and sent again after a restart."""
@@ -211,7 +215,7 @@ class BatchService:
             raise BatchNotFound(f"No such batch: {batch_id!r}.", param="batch_id")
         return self._object(row)
 
-    def list(self, owner: str | None, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+    def page(self, owner: str | None, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
         rows = self.store.batches(owner, after, limit + 1)
         return [self._object(r) for r in rows[:limit]], len(rows) > limit
 
@@ -280,7 +284,7 @@ class BatchService:
         assert row is not None
         source = self.store.file(row["input_file_id"], row["owner"])
         if source is None:
-            errors = [
+            errors: list[LineError] = [
                 {
                     "code": "file_not_found",
                     "message": "The input file was deleted.",
@@ -358,7 +362,7 @@ class BatchService:
         self._progress(run)
         if run.stopping is None:
             self.store.update_batch(run.batch_id, status="finalizing", finalizing_at=stamp)
-        for file_id, count in ((row["out_id"], run.completed), (row["err_id"], run.failed)):
+        for file_id in (row["out_id"], row["err_id"]):
             relative = self.files.relative(file_id)
             self.files.path(relative).touch()
             self.store.add_file(

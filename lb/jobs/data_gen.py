@@ -12,17 +12,15 @@ Shards are `shard-00000.jsonl`, ... of `config.shard_size` records each, in exam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lb.jobs import datasets, self_instruct
-from lb.jobs.job_store import Job
+from lb.jobs.job_store import INPUTS, Job, JobSpec
 from lb.jobs.records import index_of, read_jsonl, reply_of, write_jsonl
 from lb.jobs.request_fields import GENERATION_FIELDS, Fields, Generation, InvalidField, MissingField
 
 ENDPOINT = "/v1/chat/completions"
-INPUTS = "inputs.jsonl"
 STRATEGIES = ("prompts", "self_instruct")
 FIELDS = frozenset({"model_id", "name", "strategy", "config"})
 CONFIG_FIELDS = {
@@ -33,15 +31,7 @@ MAX_TOKENS = 256
 TEMPERATURE = 0.8
 
 
-@dataclass(frozen=True)
-class DataGenRequest:
-    request: dict[str, Any]  # stored with the job
-    inputs: list[
-        dict[str, Any]
-    ]  # prompts (prompts) or seed tasks (self_instruct), copied to the job's directory
-
-
-def parse(body: dict[str, Any], datasets_dir: Path, max_examples: int) -> DataGenRequest:
+def parse(body: dict[str, Any], datasets_dir: Path, max_examples: int) -> JobSpec:
     fields = Fields(body, FIELDS)
     model_id = fields.required_string("model_id")
     strategy = fields.required_string("strategy")
@@ -75,7 +65,7 @@ def parse(body: dict[str, Any], datasets_dir: Path, max_examples: int) -> DataGe
         "lines_per_phase": num_examples,
         **extra,
     }
-    return DataGenRequest(request, inputs)
+    return JobSpec(request, inputs)
 
 
 def _prompts(config: Fields, datasets_dir: Path, max_lines: int) -> list[dict[str, Any]]:
@@ -96,9 +86,6 @@ class DataGenKind:
     """The data-generation job's pre- and post-processing, for the job runner."""
 
     type = "data_gen"
-
-    def prepare(self, job_dir: Path, spec: DataGenRequest) -> None:
-        write_jsonl(job_dir / INPUTS, spec.inputs)
 
     def phases(self, job: Job) -> int:
         return 2 if job.request["strategy"] == "self_instruct" else 1

@@ -9,33 +9,23 @@ and the result `{accuracy, total_samples, correct, failed, metrics}` counts the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lb.jobs import datasets
 from lb.jobs.answers import METRICS, extract_math_answer, score
-from lb.jobs.job_store import Job
+from lb.jobs.job_store import INPUTS, Job, JobSpec
 from lb.jobs.records import index_of, read_jsonl, reply_of, write_jsonl
 from lb.jobs.request_fields import GENERATION_FIELDS, Fields, Generation, InvalidField
 
 ENDPOINT = "/v1/chat/completions"
-INPUTS = "inputs.jsonl"
 SAMPLES = "samples.jsonl"
 FIELDS = frozenset({"model_id", "name", "dataset_ref", "metrics", "max_samples", "per_example_logging"})
 DEFAULT_SYSTEM = None  # the dataset's own prompt decides the answer format
 MAX_TOKENS = 256
 
 
-@dataclass(frozen=True)
-class EvalRequest:
-    """A validated POST /eval/jobs, with the samples it will run."""
-
-    request: dict[str, Any]  # stored with the job
-    samples: list[datasets.Sample]
-
-
-def parse(body: dict[str, Any], datasets_dir: Path, max_lines: int) -> EvalRequest:
+def parse(body: dict[str, Any], datasets_dir: Path, max_lines: int) -> JobSpec:
     """Check every field and every dataset line; raises a 400/404 naming the field (or line) at fault."""
     fields = Fields(body, FIELDS | GENERATION_FIELDS)
     model_id = fields.required_string("model_id")
@@ -61,16 +51,13 @@ def parse(body: dict[str, Any], datasets_dir: Path, max_lines: int) -> EvalReque
         "generation": generation.as_dict(),
         "lines_per_phase": len(samples),
     }
-    return EvalRequest(request, samples)
+    return JobSpec(request, [s.as_record() for s in samples])
 
 
 class EvalKind:
     """The eval job's pre- and post-processing, for the job runner."""
 
     type = "eval"
-
-    def prepare(self, job_dir: Path, spec: EvalRequest) -> None:
-        write_jsonl(job_dir / INPUTS, (s.as_record() for s in spec.samples))
 
     def phases(self, job: Job) -> int:
         return 1

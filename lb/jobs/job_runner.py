@@ -13,14 +13,15 @@ import asyncio
 import contextlib
 import logging
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from lb.errors import BalancerError
 from lb.jobs.data_gen import DataGenKind
 from lb.jobs.eval_job import EvalKind
-from lb.jobs.job_store import Job, JobStore
+from lb.jobs.job_store import INPUTS, Job, JobSpec, JobStore
+from lb.jobs.records import write_jsonl
 
 log = logging.getLogger("lb.jobs")
 
@@ -69,25 +70,19 @@ class JobRunner:
     def job_dir(self, job_id: str) -> Path:
         return self.root / job_id
 
-    async def submit(
-        self,
-        type_: str,
-        model_id: str,
-        owner: str | None,
-        request: dict[str, Any],
-        prepare: Callable[[Path], None],
-    ) -> Job:
-        """Write the job's inputs (`prepare`, in a thread), then its row: a job in the database has inputs."""
+    async def submit(self, type_: str, owner: str | None, spec: JobSpec) -> Job:
+        """Write the job's inputs (in a thread), then its row: a job in the database always has its inputs."""
         job_id = self.store.new_id(type_)
         job_dir = self.job_dir(job_id)
         job_dir.mkdir(parents=True, mode=0o700)
         try:
-            await asyncio.to_thread(prepare, job_dir)
+            await asyncio.to_thread(write_jsonl, job_dir / INPUTS, spec.inputs)
         except BaseException:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
-        job = self.store.create(job_id, type_, request["name"], model_id, owner, request)
-        log.info("job %s (%s, model %s) submitted", job.id, type_, model_id)
+        request = spec.request
+        job = self.store.create(job_id, type_, request["name"], request["model_id"], owner, request)
+        log.info("job %s (%s, model %s) submitted", job.id, type_, job.model_id)
         self._kick.set()
         return job
 
@@ -95,9 +90,8 @@ class JobRunner:
         """Stop dispatching the job's batch; in-flight lines finish and the runner keeps what completed."""
         job = self.store.request_cancel(job)
         if job.status == "cancelling" and job.current_batch is not None:
-            with contextlib.suppress(
-                BalancerError
-            ):  # the batch finished meanwhile: the runner takes it from here
+            # a batch that finished meanwhile refuses: the runner takes the job from there
+            with contextlib.suppress(BalancerError):
                 await self.batches.cancel(job.current_batch)
         self._kick.set()
         return job

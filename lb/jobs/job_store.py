@@ -41,6 +41,17 @@ CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_at);
 """
 
 
+INPUTS = "inputs.jsonl"  # in the job's directory: what its batch lines are built from
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated job request: what the row stores, and the inputs copied into the job's directory."""
+
+    request: dict[str, Any]  # holds at least model_id, name and lines_per_phase
+    inputs: list[dict[str, Any]]
+
+
 @dataclass
 class Job:
     id: str

@@ -1,4 +1,4 @@
-"""A batch's output and error files: records appended as lines complete, written in chunks, recovered on start.
+"""A batch's output and error files: records appended as lines complete, written in chunks, recovered.
 
 The files are the truth about which lines are done. A record is buffered, then written with one `write` per
 chunk (every FLUSH_LINES records, or when the dispatcher's tick flushes); a balancer killed before a chunk is

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from collections import deque
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ from typing import Any
 
 from lb.jobs.results import ResultFile, usage_of
 from lb.jobs.sender import Outcome
+
+log = logging.getLogger("lb.jobs")
 
 
 @dataclass
@@ -87,7 +90,15 @@ class BatchRun:
             for raw in lines:
                 if not raw.strip():
                     continue
-                item = json.loads(raw)
+                try:
+                    item = json.loads(raw)
+                    item["custom_id"], item["body"]
+                except (ValueError, KeyError, TypeError):
+                    log.error(
+                        "batch %s: skipping a malformed input line (the file changed after validation)",
+                        self.batch_id,
+                    )
+                    continue
                 if item["custom_id"] in self.done:
                     continue
                 yield Line(item["custom_id"], item["body"])

@@ -31,22 +31,47 @@ def _build_fake(config: WorkerConfig) -> Engine:
 def _build_hf(config: WorkerConfig) -> Engine:
     try:
         from workers.engines.hf import HFEngine
+        from workers.engines.hf_loading import LoadSpec
     except ImportError as exc:  # torch / transformers are the optional `hf` extra
         raise ConfigError(
             f"engine: 'hf' needs torch and transformers ({exc}); install them with "
             "`pip install 'inference-balancer[hf]'` or use --engine fake"
         ) from exc
-    assert config.model_path is not None  # WorkerConfig requires it for hf
+    spec = LoadSpec.from_config(config)
     return HFEngine(
-        config.model_path,
+        str(spec.architecture_dir),
         served_model_name=config.model_name,
         device=config.device,
         dtype=config.dtype,
         max_model_len=config.max_model_len,
+        load_spec=spec,
     )
 
 
-ENGINE_BUILDERS: dict[str, Callable[[WorkerConfig], Engine]] = {"fake": _build_fake, "hf": _build_hf}
+def _build_dllm(config: WorkerConfig) -> Engine:
+    try:
+        from workers.engines.dllm import DllmEngine
+        from workers.engines.dllm_schedule import DiffusionDefaults
+    except ImportError as exc:
+        raise ConfigError(
+            f"engine: 'dllm' needs torch and transformers ({exc}); install them with "
+            "`pip install 'inference-balancer[hf]'`"
+        ) from exc
+    assert config.model_path is not None  # WorkerConfig requires it for dllm
+    defaults = DiffusionDefaults(
+        gen_length=config.dllm_gen_length, block_length=config.dllm_block_length, steps=config.dllm_steps,
+        algorithm=config.dllm_algorithm, threshold=config.dllm_threshold, cfg_scale=config.dllm_cfg_scale,
+    )
+    return DllmEngine(
+        config.model_path, served_model_name=config.model_name, device=config.device, dtype=config.dtype,
+        max_model_len=config.max_model_len, defaults=defaults, mask_token_id=config.mask_token_id,
+        trust_remote_code=config.trust_remote_code, max_num_seqs=config.batch_size,
+    )
+
+
+ENGINE_BUILDERS: dict[str, Callable[[WorkerConfig], Engine]] = {
+    "fake": _build_fake, "hf": _build_hf, "dllm": _build_dllm,
+}
 
 
 def create_engine(config: WorkerConfig) -> Engine:

@@ -2,9 +2,10 @@
 
 The batcher (workers/batcher.py) owns the loop, as nano-vllm's `LLMEngine.step` does: it admits queued
 requests (`Engine.add`), advances every running row by one step (`Engine.step`), delivers each step's
-`TokenEvent`s and retires finished rows; a cancelled request leaves through `Engine.abort` before the next
-step, so it costs no more compute. All of it runs on the batcher's engine thread. Each request keeps its own
-sampling parameters and stop rules; tokenisation, chat templates and padding live inside the engine.
+`TokenEvent`s and retires finished rows (`Engine.suspend` sets rows aside when a step ran out of memory); a
+cancelled request leaves through `Engine.abort` before the next step, so it costs no more compute. All of it
+runs on the batcher's engine thread. Each request keeps its own sampling parameters and stop rules;
+tokenisation, chat templates and padding live inside the engine.
 """
 
 from __future__ import annotations
@@ -16,8 +17,40 @@ from typing import Literal, Protocol
 FinishReason = Literal["stop", "length"]
 
 
+DIFFUSION_ALGORITHMS = ("low_confidence", "random", "threshold")  # how a diffusion step picks what to commit
+
+
 class PromptTooLongError(ValueError):
     """The prompt (plus the requested new tokens) does not fit in the model's context."""
+
+
+class BadEngineParameter(ValueError):
+    """A request's setting this engine cannot honour; `field` names it in the 400 answer."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class DiffusionParams:
+    """A request's overrides of the dllm engine's settings (extra body fields); None = the worker's default.
+
+    The generated length itself is `SamplingParams.max_new_tokens` (`max_tokens`, or `gen_length` when the
+    request names it: then `gen_length` records that, so errors name the field the client sent).
+    """
+
+    gen_length: int | None = None
+    block_length: int | None = None
+    steps: int | None = None
+    algorithm: str | None = None
+    threshold: float | None = None
+    cfg_scale: float | None = None
+
+    @property
+    def given(self) -> list[str]:
+        """The fields the request set, by name."""
+        return [name for name, value in vars(self).items() if value is not None]
 
 
 @dataclass(frozen=True)
@@ -32,6 +65,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    diffusion: DiffusionParams = DiffusionParams()
 
     @property
     def is_greedy(self) -> bool:
@@ -76,6 +110,7 @@ class EngineInfo:
     model: str  # the served model name
     device: str  # "cpu", "cuda:0", ...
     max_model_len: int
+    default_max_tokens: int | None = None  # generated when a request names none; None = up to the context
 
 
 class Engine(Protocol):
@@ -91,7 +126,8 @@ class Engine(Protocol):
         """Turn OpenAI chat messages (text content only) into the prompt text the model expects."""
 
     def prepare(self, request: EngineRequest) -> None:
-        """Tokenise the prompt into `request.prompt_token_ids`; raise PromptTooLongError if it cannot fit.
+        """Tokenise the prompt into `request.prompt_token_ids`; raise PromptTooLongError if it cannot fit,
+        BadEngineParameter for a setting this engine cannot honour.
 
         Runs on the batcher's prepare thread, concurrently with `step` on the engine thread."""
 
@@ -114,7 +150,23 @@ class Engine(Protocol):
         the request leaves the engine. Raises on failure (the batcher fails the requests it holds)."""
 
     def abort(self, request_ids: Iterable[str]) -> None:
-        """Drop these requests (cancelled, or failed) at once; unknown ids are ignored."""
+        """Drop these requests (cancelled, or failed) at once, suspended ones too; unknown ids are ignored."""
+
+    def suspend(self, request_ids: Iterable[str]) -> None:
+        """Take these requests out of the running ones but keep what they generated: `add` of the same
+        requests later resumes them where they stopped (the batcher shrinks a batch that ran out of memory).
+
+        A step that raised (out of memory) must leave the engine able to step again: what each request had
+        generated stays, and events it made before failing come out of the next step.
+        """
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An out-of-memory failure of a step (torch.OutOfMemoryError, its CUDA alias, a RuntimeError saying
+    so, MemoryError), recognised without importing torch: the batcher can split the batch and retry."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 def run_to_completion(engine: Engine, requests: list[EngineRequest]) -> Iterator[list[TokenEvent]]:

@@ -87,6 +87,7 @@ class FakeEngine:
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
     _running: list[_Sequence] = field(default_factory=list, init=False, repr=False)
     _prefill_due: bool = field(default=False, init=False, repr=False)  # sequences joined since the last step
+    _suspended: dict[str, _Sequence] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def info(self) -> EngineInfo:
@@ -118,7 +119,9 @@ class FakeEngine:
         return max(0, self.max_num_seqs - len(self._running))
 
     def add(self, requests: list[EngineRequest]) -> None:
-        self._running.extend(self._start(r) for r in requests)
+        for request in requests:
+            resumed = self._suspended.pop(request.request_id, None)
+            self._running.append(resumed if resumed is not None else self._start(request))
         self._prefill_due = self._prefill_due or bool(requests)
 
     def step(self) -> list[TokenEvent]:
@@ -134,6 +137,14 @@ class FakeEngine:
     def abort(self, request_ids: Iterable[str]) -> None:
         gone = set(request_ids)
         self._running = [s for s in self._running if s.request.request_id not in gone]
+        for request_id in gone:
+            self._suspended.pop(request_id, None)
+
+    def suspend(self, request_ids: Iterable[str]) -> None:
+        aside = set(request_ids)
+        self._suspended.update((s.request.request_id, s) for s in self._running
+                               if s.request.request_id in aside)
+        self._running = [s for s in self._running if s.request.request_id not in aside]
 
     def _start(self, request: EngineRequest) -> _Sequence:
         params = request.params

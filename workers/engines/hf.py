@@ -17,6 +17,7 @@ import torch
 
 from workers.engines.base import EngineInfo, EngineRequest, PromptTooLongError, TokenEvent
 from workers.engines.hf_batch import DecodeBatch, cache_is_mergeable
+from workers.engines.hf_loading import LoadSpec, load_model
 from workers.engines.hf_sampling import RowSampler, choose_tokens
 from workers.engines.hf_sequence import IncrementalDetokenizer, SequenceState
 
@@ -73,13 +74,16 @@ class HFEngine:
         dtype: str = "auto",
         max_model_len: int | None = None,
         max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+        load_spec: LoadSpec | None = None,
     ) -> None:
         self.model_path = model_path
+        self.load_spec = load_spec or LoadSpec(model_path)  # where the weights come from and how
         self.served_model_name = served_model_name or model_path
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_num_seqs = max_num_seqs
-        self.max_model_len = max_model_len or context_length_from_config(model_path) or 2048
+        context = context_length_from_config(str(self.load_spec.architecture_dir))
+        self.max_model_len = max_model_len or context or 2048
         self.model: Any = None
         self.tokenizer: Any = None
         self._decode: Callable[[Sequence[int]], str] = lambda ids: ""
@@ -88,25 +92,19 @@ class HFEngine:
         self._start_id = 0  # fed in place of an empty prompt
         self._vocab_size = 0  # rows of the output layer (may exceed the tokenizer's vocabulary)
         self._mergeable = True  # False for sliding-window caches: no joins, no trimming of padding
-        self._joining: list[EngineRequest] = []  # added since the last step; prefilled by the next one
+        self._joining: list[SequenceState] = []  # added since the last step; prefilled by the next one
         self._batch: DecodeBatch | None = None  # the rows being decoded
+        self._suspended: dict[str, SequenceState] = {}  # set aside by `suspend`, resumed by `add`
+        self._undelivered: list[TokenEvent] = []  # made by a step that then failed; the next one returns them
 
     @property
     def info(self) -> EngineInfo:
         return EngineInfo("hf", self.served_model_name, str(self.device), self.max_model_len)
 
     def load(self) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        path = os.path.expanduser(self.model_path)
-        if self.model_path.startswith(("/", ".", "~")) and not Path(path).is_dir():
-            # transformers would report a missing directory as a malformed hub repo id
-            raise FileNotFoundError(f"model path {self.model_path!r} is not a directory")
         if self.device.type == "cpu":
             torch.set_num_threads(torch_threads())
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
-        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
+        self.model, self.tokenizer = load_model(self.load_spec, self.device, self.dtype)
         tok, gen = self.tokenizer, self.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else tok.eos_token_id
         self._eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
@@ -153,18 +151,24 @@ class HFEngine:
         return max(0, self.max_num_seqs - self.num_running)
 
     def add(self, requests: list[EngineRequest]) -> None:
-        self._joining.extend(requests)
+        for request in requests:
+            resumed = self._suspended.pop(request.request_id, None)
+            self._joining.append(resumed if resumed is not None else self._new_sequence(request))
 
     def step(self) -> list[TokenEvent]:
         """One token for every request: joiners get theirs from their prefill, running rows from a decode
         step; then the joiners merge into the running batch (left-padded to a common length)."""
-        events: list[TokenEvent] = []
+        events, self._undelivered = self._undelivered, []
+        joining, self._joining = self._joining, []
         joined: DecodeBatch | None = None
-        if self._joining:
-            joining, self._joining = self._joining, []
-            joined, events = self._prefill(joining)
-        if self._batch is not None and len(self._batch):
-            events += self._decode_step(self._batch)
+        try:
+            if joining:
+                joined = self._prefill(joining, events)
+            if self._batch is not None and len(self._batch):
+                self._decode_step(self._batch, events)
+        except BaseException:
+            self._start_over(joining, events)
+            raise
         if joined is not None:
             if self._batch is None or not len(self._batch):
                 self._batch = joined
@@ -172,32 +176,74 @@ class HFEngine:
                 self._batch.merge(joined)
         return events
 
+    def _start_over(self, joining: list[SequenceState], events: list[TokenEvent]) -> None:
+        """After a failed step (out of memory, typically) the KV cache may hold half a step: drop it. Every
+        unfinished sequence keeps its tokens and is prefilled again (prompt + generated) by the next step,
+        which also hands out the events this one made before it failed."""
+        running = self._batch.seqs if self._batch is not None else []
+        self._joining = [s for s in joining + running if s.finish_reason is None]
+        self._batch = None
+        self._undelivered = events
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def abort(self, request_ids: Iterable[str]) -> None:
         gone = set(request_ids)
-        self._joining = [r for r in self._joining if r.request_id not in gone]
+        self._remove(gone)
+        for request_id in gone:
+            self._suspended.pop(request_id, None)
+
+    def suspend(self, request_ids: Iterable[str]) -> None:
+        """Set rows aside with their tokens; `add` resumes them by prefilling prompt + generated tokens."""
+        self._suspended.update((s.request_id, s) for s in self._remove(set(request_ids)))
+
+    def _remove(self, ids: set[str]) -> list[SequenceState]:
+        """Take these sequences out of the joining and running rows; return them."""
+        removed = [s for s in self._joining if s.request_id in ids]
+        self._joining = [s for s in self._joining if s.request_id not in ids]
         if self._batch is not None:
-            self._batch.keep([i for i, s in enumerate(self._batch.seqs) if s.request_id not in gone],
+            removed += [s for s in self._batch.seqs if s.request_id in ids]
+            self._batch.keep([i for i, s in enumerate(self._batch.seqs) if s.request_id not in ids],
                              trim=self._mergeable)
+        return removed
 
     @torch.inference_mode()
-    def _prefill(self, requests: list[EngineRequest]) -> tuple[DecodeBatch | None, list[TokenEvent]]:
-        """Prefill new requests; returns the rows still running (or None) and each request's first event."""
-        seqs = [self._new_sequence(r) for r in requests]
+    def _prefill(self, seqs: list[SequenceState], events: list[TokenEvent]) -> DecodeBatch | None:
+        """Prefill sequences (new ones, or resumed ones from their tokens); new ones get their first token.
+
+        A resumed sequence's cache is rebuilt from its prompt and all but its newest token, which stays the
+        next decode step's input, so it continues as if it had never left.
+        """
         batch, logits = DecodeBatch.prefill(self.model, seqs, self._pad_id)
-        events = self._advance(batch, logits)
-        return (batch if len(batch) else None), events
+        fresh = [i for i, s in enumerate(seqs) if not s.generated]
+        tokens = [s.generated[-1] if s.generated else self._pad_id for s in seqs]
+        if fresh:
+            chosen = choose_tokens(logits[fresh] if len(fresh) < len(seqs) else logits,
+                                   [seqs[i].sampler for i in fresh])
+            for i, token in zip(fresh, chosen, strict=True):
+                tokens[i] = token
+        self._advance(batch, tokens, fresh, events)
+        return batch if len(batch) else None
 
     @torch.inference_mode()
-    def _decode_step(self, batch: DecodeBatch) -> list[TokenEvent]:
-        return self._advance(batch, batch.decode(self.model))
-
-    def _advance(self, batch: DecodeBatch, logits: torch.Tensor) -> list[TokenEvent]:
-        """Choose each row's next token from logits [B, V], record it, and drop rows that finished."""
+    def _decode_step(self, batch: DecodeBatch, events: list[TokenEvent]) -> None:
+        logits = batch.decode(self.model)
         tokens = choose_tokens(logits, [s.sampler for s in batch.seqs])
-        events = [seq.append(token) for seq, token in zip(batch.seqs, tokens, strict=True)]
+        self._advance(batch, tokens, range(len(batch)), events)
+
+    def _advance(
+        self, batch: DecodeBatch, tokens: list[int], new: Sequence[int] | range, events: list[TokenEvent],
+    ) -> None:
+        """Record the rows' next tokens [B] (those at indices `new` are freshly generated: one event each,
+        appended to `events` as made) and drop rows that finished."""
+        finished = set()
+        for i in new:
+            event = batch.seqs[i].append(tokens[i])
+            events.append(event)
+            if event.finished:
+                finished.add(i)
         batch.set_next_tokens(tokens)
-        batch.keep([i for i, e in enumerate(events) if not e.finished], trim=self._mergeable)
-        return events
+        batch.keep([i for i in range(len(batch)) if i not in finished], trim=self._mergeable)
 
     def _new_sequence(self, request: EngineRequest) -> SequenceState:
         if not request.prompt_token_ids:

@@ -32,9 +32,9 @@ class DecodeBatch:
 
     @classmethod
     def prefill(cls, model: Any, seqs: list[SequenceState], pad_id: int) -> tuple[DecodeBatch, torch.Tensor]:
-        """Run the prompts of `seqs` as one left-padded batch; return it and the last logits [B, V]."""
+        """Run the contexts of `seqs` as one left-padded batch; return it and the last logits [B, V]."""
         device = model.device
-        prompts = [s.request.prompt_token_ids for s in seqs]
+        prompts = [s.context_ids for s in seqs]  # a resumed sequence brings its generated tokens too
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)  # [B, S]
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)  # [B, S]

@@ -62,7 +62,7 @@ class SequenceState:
     eos_ids: frozenset[int]
     max_total_tokens: int  # the model's context: prompt + generated may not exceed it
     matcher: StopStringMatcher = field(init=False)
-    num_generated: int = 0
+    generated: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
 
     def __post_init__(self) -> None:
@@ -73,13 +73,22 @@ class SequenceState:
         return self.request.request_id
 
     @property
+    def num_generated(self) -> int:
+        return len(self.generated)
+
+    @property
     def total_tokens(self) -> int:
         return len(self.request.prompt_token_ids) + self.num_generated
+
+    @property
+    def context_ids(self) -> list[int]:
+        """What the KV cache must hold before the next decode step: prompt and all but the newest token."""
+        return self.request.prompt_token_ids + self.generated[:-1]
 
     def append(self, token_id: int) -> TokenEvent:
         """Record one generated token and return the event for it (finished if a stop rule fired)."""
         params = self.request.params
-        self.num_generated += 1
+        self.generated.append(token_id)
         self.sampler.observe(token_id)
         text = ""
         if token_id in self.eos_ids and not params.ignore_eos:
