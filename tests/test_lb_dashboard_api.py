@@ -92,10 +92,14 @@ async def test_cluster_shows_engine_load_tokens_and_system_read_from_the_worker(
 
     async def gathered() -> bool:
         async with http.get(url + "/cluster") as resp:
-            doc = await resp.json()
-        w = doc["workers"][0]
+            w = (await resp.json())["workers"][0]
+        # a round whose /metrics read began before the last request ended still shows it running
+        idle = w["engine"]["running"] == 0 and w["engine"]["waiting"] == 0
         return (
-            bool(w["engine"]["generated_tokens"]) and w["recent"]["requests"] == 5 and w["system"] is not None
+            bool(w["engine"]["generated_tokens"])
+            and w["recent"]["requests"] == 5
+            and idle
+            and bool(w["system"])
         )
 
     await wait_for(gathered)
@@ -104,7 +108,6 @@ async def test_cluster_shows_engine_load_tokens_and_system_read_from_the_worker(
     w = doc["workers"][0]
     assert w["state"] == "healthy" and w["models"] == ["fake-model"]
     assert w["engine"]["generated_tokens"] >= 5 * 8  # the worker's own counter, not the balancer's
-    assert w["engine"]["running"] == 0 and w["engine"]["waiting"] == 0
     assert w["system"]["ram_total_gb"] > 0 and w["gpu"]["available"] is False
     assert doc["balancer"]["recent"]["requests"] == 5 and doc["balancer"]["recent"]["latency_ms_p99"] > 0
     assert len(doc["history"]["t"]) >= 1 and set(doc["history"]) >= {"tokens_per_s", "queue_depth"}
@@ -149,11 +152,14 @@ async def test_config_shows_settings_with_secrets_masked(
     upstreams: Any, balancer: Any, http: aiohttp.ClientSession
 ) -> None:
     up = await upstreams()
-    url = await balancer([up], api_key=("sk-client-secret-1",), admin_token="admin-secret-2")
+    url = await balancer(
+        [up], api_key=("sk-client-secret-1",), admin_token="admin-secret-2", worker_api_key="wk-secret-3"
+    )
     async with http.get(url + "/config") as resp:
         text = await resp.text()
         config = await resp.json()
-    assert "sk-client-secret-1" not in text and "admin-secret-2" not in text
+    assert "sk-client-secret-1" not in text and "admin-secret-2" not in text and "wk-secret-3" not in text
+    assert config["worker_api_key"] == "********"
     assert config["admin_token"] == "********" and config["api_key"] == ["********"]
     assert config["workers"] == [up.url] and config["policy"] == "least_connections"
 
