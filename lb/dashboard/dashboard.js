@@ -304,6 +304,51 @@ async function adminAction(button, action, index) {
   }
 }
 
+// ---- logs (GET /logs, /logs/NAME: admin token or loopback, like the buttons) --------------------------------------
+function adminHeaders() {
+  return tokenInput.value ? { Authorization: "Bearer " + tokenInput.value } : {};
+}
+
+async function loadLogNames() {
+  const status = $("#log-status");
+  try {
+    const resp = await fetch("/logs", { headers: adminHeaders(), cache: "no-store" });
+    if (resp.status === 401 || resp.status === 403) {
+      status.textContent = `${resp.status}: the logs need the admin token (top right)`;
+      return;
+    }
+    const names = (await resp.json()).components || [];
+    const select = $("#log-name");
+    select.innerHTML = "";
+    for (const name of names) {
+      const option = document.createElement("option");
+      option.value = option.textContent = name;
+      select.appendChild(option);
+    }
+    status.textContent = names.length ? "" : "the balancer was started without --log-file";
+  } catch (err) {
+    status.textContent = "cannot list the logs: " + err.message;
+  }
+}
+
+$("#log-show").addEventListener("click", async () => {
+  const name = $("#log-name").value, status = $("#log-status"), out = $("#log-output");
+  if (!name) { await loadLogNames(); return; }
+  const lines = Number($("#log-lines").value) || 200;
+  const resp = await fetch(`/logs/${encodeURIComponent(name)}?lines=${lines}`, { headers: adminHeaders(), cache: "no-store" });
+  if (!resp.ok) {
+    let message = resp.statusText;
+    try { message = (await resp.json()).error.message; } catch (_) { /* not JSON */ }
+    status.textContent = `${resp.status}: ${message}`;
+    return;
+  }
+  out.textContent = await resp.text();
+  out.hidden = false;
+  out.scrollTop = out.scrollHeight; // the newest lines
+  status.textContent = `${name}: last ${lines} lines at ${new Date().toLocaleTimeString()}`;
+});
+tokenInput.addEventListener("change", loadLogNames);
+
 // ---- playground -----------------------------------------------------------------------------------------------
 function fillModels(workers) {
   const select = $("#pg-model");
@@ -391,4 +436,5 @@ fetch("/config", { cache: "no-store" })
   })
   .catch(() => {});
 poll();
+loadLogNames();
 setInterval(poll, POLL_MS);
