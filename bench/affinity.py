@@ -47,7 +47,7 @@ class AffinityConfig:
     max_tokens: int = setting(8, "tokens generated per request (ignore_eos)")
     kv_blocks: int | None = setting(
         None,
-        "cache pressure: give each worker only this many KV blocks of 16 tokens (--num-gpu-blocks-override), "
+        "cache pressure: give each worker only this many KV blocks of 32 tokens (--num-gpu-blocks-override), "
         "so one worker cannot keep every prefix cached; default: vLLM's 1 GiB (about 500k tokens)",
         metavar="N",
     )
@@ -142,7 +142,7 @@ def start_vllm(config: AffinityConfig, log_dir: Path) -> list[tuple[Process, str
             "--enable-prefix-caching",
         ]
         if config.kv_blocks is not None:
-            args += ["--block-size", "16", "--num-gpu-blocks-override", str(config.kv_blocks)]
+            args += ["--block-size", "32", "--num-gpu-blocks-override", str(config.kv_blocks)]
         workers.append((Process(args, log_dir / f"vllm-{i}.log", f"vllm-{i}"), f"http://127.0.0.1:{port}"))
     return workers
 
@@ -237,8 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if config.kv_blocks is not None:
             setup += (
-                f" **Cache pressure**: each worker has {config.kv_blocks} KV blocks of 16 tokens "
-                f"({config.kv_blocks * 16} tokens), fewer than all prefixes plus the running requests need."
+                f" **Cache pressure**: each worker has {config.kv_blocks} KV blocks of 32 tokens "
+                f"({config.kv_blocks * 32} tokens), fewer than all prefixes plus the running requests need."
             )
         write_section(
             "affinity" if config.kv_blocks is None else "affinity-kv-pressure",
