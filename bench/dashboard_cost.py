@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         write_section(
             "dashboard",
-            "Dashboard cost (wrk, dashboard open vs closed)",
+            "Dashboard cost (wrk: page closed, /cluster polled, page open)",
             f"{setup}\n\n{text}",
             command_line(argv, "bench.dashboard_cost"),
         )

@@ -31,6 +31,7 @@ from lb.registry import Registry
 from lb.rollout import Switcher
 from lb.state import STATE, BalancerState
 from lb.telemetry import TelemetryGatherer
+from lb.tracing import Tracer
 from lb.upstream import UpstreamClient
 
 log = logging.getLogger("lb")
@@ -76,7 +77,9 @@ def create_app(config: BalancerConfig) -> web.Application:
         bulk_cap=config.batch_max_inflight_per_worker,
     )
     metrics = Metrics(pool, lambda: admission.depth)
-    admission.on_wait = metrics.queue_wait.observe
+    admission.on_wait = metrics.waited
+    if config.otlp_endpoint:  # only then is opentelemetry imported
+        metrics.tracer = Tracer(config.otlp_endpoint)
     app[STATE] = BalancerState(config, pool, ModelRouter(pool), admission, metrics)
     app[STATE].log_files = config.log_files()
     app.cleanup_ctx.append(_client_and_checker)
@@ -177,3 +180,5 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
             await job
     client.close()
     await state.session.close()
+    if state.metrics.tracer is not None:
+        await asyncio.to_thread(state.metrics.tracer.close)  # exports the spans still buffered

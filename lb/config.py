@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from pathlib import Path
 
@@ -275,6 +276,12 @@ class BalancerConfig:
         self.key_limits()
         self.admin_secret()
         self.log_files()
+        if self.otlp_endpoint is not None:
+            _check_url("otlp_endpoint", self.otlp_endpoint)
+            if importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is None:
+                raise ConfigError(
+                    "otlp_endpoint: needs opentelemetry-sdk and opentelemetry-exporter-otlp-proto-http"
+                )
 
     def worker_urls(self) -> list[str]:
         """--workers followed by the lines of --workers-file, normalised, without duplicates."""

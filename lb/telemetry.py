@@ -97,8 +97,8 @@ class WorkerTelemetry:
     gpu: Any = None  # the worker's /gpu answer
     system: Any = None  # the worker's /system answer
     recent: WindowStats | None = None
-    _last: tuple[float, dict[str, float]] | None = None  # (monotonic time, raw figures) of the last read
-    _skip_until: dict[str, float] = field(default_factory=dict)  # path -> monotonic time to ask again
+    last_read: tuple[float, dict[str, float]] | None = None  # (monotonic time, raw figures) of the last read
+    skip_until: dict[str, float] = field(default_factory=dict)  # path -> monotonic time to ask again
 
     def update(self, figures: dict[str, float], now: float) -> None:
         """Store one /metrics read; rates are differences with the previous read (a counter reset: none)."""
@@ -109,8 +109,8 @@ class WorkerTelemetry:
         self.kv_cache_usage = figures.get("kv_cache_usage")
         self.generated_tokens = figures.get("generated_tokens")
         self.tokens_per_s = self.ttft_ms = None
-        if self._last is not None:
-            then, before = self._last
+        if self.last_read is not None:
+            then, before = self.last_read
             elapsed = now - then
             tokens = _delta(figures, before, "generated_tokens")
             if tokens is not None and elapsed > 0:
@@ -119,7 +119,7 @@ class WorkerTelemetry:
             total = _delta(figures, before, "ttft_sum")
             if count and total is not None:
                 self.ttft_ms = round(total / count * 1000, 2)
-        self._last = (now, figures)
+        self.last_read = (now, figures)
 
 
 def _delta(now: dict[str, float], before: dict[str, float], key: str) -> float | None:
@@ -197,12 +197,12 @@ class TelemetryGatherer:
             return  # a worker that cannot answer /metrics will not answer the others either
         telemetry.update(engine_figures(parse_metrics(text)), now)
         for path in ("gpu", "system"):
-            if telemetry._skip_until.get(path, 0.0) > now:
+            if telemetry.skip_until.get(path, 0.0) > now:
                 continue
             try:
                 setattr(telemetry, path, json.loads(await self._get(f"{backend.url}/{path}")))
             except _NotOffered:
-                telemetry._skip_until[path] = now + UNSUPPORTED_RETRY_S
+                telemetry.skip_until[path] = now + UNSUPPORTED_RETRY_S
             except (_FetchFailed, ValueError):
                 pass  # keep the last answer; the next round asks again
 

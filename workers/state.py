@@ -15,7 +15,7 @@ from workers.engines.base import Engine
 from workers.errors import NotReady
 from workers.metrics import WorkerMetrics
 from workers.swap import LoadRecord
-from workers.telemetry import GpuReader
+from workers.telemetry import CpuPercent, GpuReader
 
 Status = Literal["loading", "ok", "draining", "failed"]
 
@@ -33,6 +33,7 @@ class WorkerState:
     started_at: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
     gpus: GpuReader = field(default_factory=GpuReader)  # /gpu, power profiles, GPU gauges
+    cpu: CpuPercent = field(default_factory=CpuPercent)  # /system's and the gauges' CPU use
 
     def require_ready(self) -> None:
         """Generation endpoints call this first: 503 (with Retry-After) unless the worker is serving."""
