@@ -380,9 +380,9 @@ def _empty() -> Sequence[Backend]:
     return ()
 
 
-def retry_after(headers: list[tuple[str, str]]) -> float | None:
+def retry_after(headers: list[tuple[bytes, bytes]]) -> float | None:
     """Seconds from Retry-After (delta-seconds or an HTTP date), capped at MAX_BUSY; None if absent."""
-    value = next((v for k, v in headers if k.lower() == "retry-after"), None)
+    value = next((v.decode("latin-1") for k, v in headers if k.lower() == b"retry-after"), None)
     if value is None:
         return None
     try:
