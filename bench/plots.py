@@ -72,3 +72,26 @@ def plot_lines(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_progress(
+    path: Path,
+    title: str,
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    marks: Mapping[str, float],
+) -> Path:
+    """Lines done over time, one line per run; `marks` are labelled vertical lines (e.g. a kill)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, (xs, ys) in series.items():
+        ax.plot(list(xs), list(ys), label=name)
+    for label, x in marks.items():
+        ax.axvline(x, color="grey", linestyle=":", label=label)
+    ax.set_title(title)
+    ax.set_xlabel("seconds since the batch was created")
+    ax.set_ylabel("lines with a result")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,9 +1,10 @@
-"""`python -m bench.worker_throughput`: tokens/s of one hf worker over HTTP at rising concurrency.
+"""`python -m bench.worker_throughput`: tokens/s of one worker over HTTP at rising concurrency.
 
-Starts `python -m workers --engine hf` on the tiny model (built into the cache if missing), drives it with the
-shared load generator (closed loop, 64-word prompts, 32 output tokens, ignore_eos) at each concurrency, then
-measures the engine alone in this process (static batches of the same size, no HTTP) so the table shows
-what serving costs. Writes its section of bench/RESULTS.md unless --no-write.
+Starts `python -m workers --engine hf` on the tiny model (or `--engine dllm` on the tiny diffusion model; each
+built into the cache if missing), drives it with the shared load generator (closed loop, 64-word prompts,
+32 output tokens, ignore_eos) at each concurrency, then measures the engine alone in this process (static
+batches of the same size, no HTTP) so the table shows what serving costs. Writes its section of
+bench/RESULTS.md unless --no-write.
 """
 
 from __future__ import annotations
@@ -28,12 +29,23 @@ from bench.results import command_line, markdown_table, write_section
 from bench.summary import Summary
 from lb.settings import ConfigError, load_config, setting
 
-TARGETS = "c=16 ≥ 5 x c=1; ≥ vLLM-CPU at c=16 on the same model and load: 454 (eager) / 667 (compiled) tok/s"
+TARGETS = {
+    "hf": "c=16 ≥ 5 x c=1; ≥ vLLM-CPU at c=16 on the same model and load: 454 (eager) / 667 (compiled) tok/s",
+    "dllm": "c=16 ≥ 4 x c=1 (batched / single)",
+}
+ENGINES = ("hf", "dllm")
 
 
 @dataclass(frozen=True)
 class ThroughputConfig:
-    model_path: str | None = setting(None, "model directory (default: the tiny model, built if missing)")
+    engine: str = setting(
+        "hf", "the worker's engine: hf (causal LM) or dllm (masked diffusion)", choices=ENGINES
+    )
+    model_path: str | None = setting(
+        None, "model directory (default: the tiny model of the engine's kind, built if missing)"
+    )
+    dllm_block_length: int = setting(32, "dllm: the worker's --dllm-block-length (32 = the whole answer)")
+    dllm_steps: int | None = setting(None, "dllm: the worker's --dllm-steps (default: one per token)")
     concurrency: tuple[str, ...] = setting(("1", "4", "16"), "closed-loop concurrency levels to measure")
     requests_per_user: int = setting(8, "requests per concurrent user at each level (after one warm-up)")
     prompt_len: int = setting(64, "synthetic prompt length in words")
@@ -91,11 +103,11 @@ class Level:
         return statistics.median(values) if values else None
 
 
-def tiny_model_path() -> Path:
-    """The tiny model in the shared cache (the same one the tests use), built there if missing."""
+def tiny_model_path(engine: str = "hf") -> Path:
+    """The engine's tiny model in the shared cache (the same one the tests use), built there if missing."""
     from workers import tiny_model
 
-    return tiny_model.ensure_cached(seed=0)
+    return tiny_model.ensure_cached(seed=0, kind="dllm" if engine == "dllm" else "llama")
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -170,12 +182,22 @@ async def measure_http(config: ThroughputConfig, url: str, model: str, meter: Cp
 
 
 def measure_engine(config: ThroughputConfig, model_path: str, levels: list[Level]) -> None:
-    """Static batches of `concurrency` requests stepped through HFEngine in this process (best of 3)."""
+    """Static batches of `concurrency` requests stepped through the engine in this process (best of 3)."""
     os.environ["IB_TORCH_THREADS"] = str(config.torch_threads)
-    from workers.engines.base import EngineRequest, SamplingParams, run_to_completion
-    from workers.engines.hf import HFEngine
+    from workers.engines.base import Engine, EngineRequest, SamplingParams, run_to_completion
 
-    engine = HFEngine(model_path, device="cpu", dtype="float32")
+    engine: Engine
+    if config.engine == "dllm":
+        from workers.engines.dllm import DllmEngine
+        from workers.engines.dllm_schedule import DiffusionDefaults
+
+        defaults = DiffusionDefaults(block_length=config.dllm_block_length, steps=config.dllm_steps)
+        engine = DllmEngine(model_path, device="cpu", dtype="float32", trust_remote_code=True,
+                            defaults=defaults)
+    else:
+        from workers.engines.hf import HFEngine
+
+        engine = HFEngine(model_path, device="cpu", dtype="float32")
     engine.load()
     params = SamplingParams(max_new_tokens=config.max_tokens, temperature=0.0, ignore_eos=True)
     for level in levels:
@@ -212,7 +234,11 @@ def report(config: ThroughputConfig, levels: list[Level], load: tuple[float, flo
                "latency p50", "TTFT p50", "batches / joins", "prompt tokens",
                "CPU/wall: worker / engine thread / client", "engine-only tok/s",
                "HTTP / engine"]
-    setup = (f"One `--engine hf` worker on the tiny model (CPU, float32, "
+    model = "tiny diffusion model" if config.engine == "dllm" else "tiny model"
+    steps = config.dllm_steps or "one per token"
+    dllm = (f", --dllm-block-length {config.dllm_block_length}, --dllm-steps {steps}"
+            if config.engine == "dllm" else "")
+    setup = (f"One `--engine {config.engine}` worker on the {model} (CPU, float32{dllm}, "
              f"IB_TORCH_THREADS={config.torch_threads}, --batch-size {config.batch_size}, "
              f"--max-wait-time {config.max_wait_time}); closed loop, "
              f"{config.prompt_len}-word prompts, {config.max_tokens} output tokens, ignore_eos, "
@@ -220,11 +246,11 @@ def report(config: ThroughputConfig, levels: list[Level], load: tuple[float, flo
              f"{config.rounds} interleaved rounds of {config.requests_per_user} requests per user, after one "
              "warm-up request each. `batches / joins`: engine batches started and requests admitted into a "
              "running batch (continuous batching). Engine-only: static batches of the same size through "
-             "`HFEngine.step` in the benchmark process (no HTTP), best of 3. CPU/wall: CPU seconds per "
+             "the engine's `step` in the benchmark process (no HTTP), best of 3. CPU/wall: CPU seconds per "
              "wall second of the worker process, of its busiest thread (the engine thread) and of the load "
              "generator; 1.0 = one core all the time. "
              f"Load average {load[0]:.1f} at start, {load[1]:.1f} at end (other jobs share the 2 cores).")
-    return f"{setup}\n\n{markdown_table(headers, rows)}\n\nTargets: {TARGETS}.\n"
+    return f"{setup}\n\n{markdown_table(headers, rows)}\n\nTargets: {TARGETS[config.engine]}.\n"
 
 
 def _ms(value: float | None) -> str:
@@ -232,14 +258,17 @@ def _ms(value: float | None) -> str:
 
 
 def run(config: ThroughputConfig) -> list[Level]:
-    model_path = config.model_path or str(tiny_model_path())
+    model_path = config.model_path or str(tiny_model_path(config.engine))
     port = free_port()
     args = [
-        sys.executable, "-m", "workers", "--engine", "hf", "--model-path", model_path,
+        sys.executable, "-m", "workers", "--engine", config.engine, "--model-path", model_path,
         "--served-model-name", "tiny", "--port", str(port), "--device", "cpu", "--dtype", "float32",
         "--batch-size", str(config.batch_size), "--max-wait-time", str(config.max_wait_time),
         "--log-level", "warning",
     ]
+    if config.engine == "dllm":
+        args += ["--trust-remote-code", "--dllm-block-length", str(config.dllm_block_length)]
+        args += ["--dllm-steps", str(config.dllm_steps)] if config.dllm_steps else []
     log = Path(tempfile.mkdtemp(prefix="ib-worker-throughput-")) / "worker.log"
     os.environ["IB_TORCH_THREADS"] = str(config.torch_threads)  # inherited by the worker (child_env copies)
     worker = Process(args, log, "worker")
@@ -268,9 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = report(config, levels, (load_start, os.getloadavg()[0]))
     print(text)
     if config.write:
-        title = "Worker throughput (hf engine, tiny model, one worker)"
-        path = write_section("worker_throughput", title, text,
-                             command_line(argv, module="bench.worker_throughput"))
+        if config.engine == "dllm":
+            name, title = "worker_throughput_dllm", "Worker throughput (dllm engine, tiny diffusion model)"
+        else:
+            name, title = "worker_throughput", "Worker throughput (hf engine, tiny model, one worker)"
+        path = write_section(name, title, text, command_line(argv, module="bench.worker_throughput"))
         print(f"wrote {path}")
     return 0
 

@@ -2,9 +2,13 @@
 
 Interactive requests: with --max-inflight-per-worker, a request that finds no backend under the cap (or
 finds others already waiting) joins the interactive queue; without a cap it never waits. Bulk requests
-(batch lines, and interactive requests marked with the `X-LB-Priority: bulk` header) also respect
---batch-max-inflight-per-worker (`bulk_cap`) per backend, and are granted a slot only while no interactive
-request is queued: an interactive request that has to wait stops all bulk dispatch until it is served.
+(batch lines, and interactive requests marked with the `X-LB-Priority: bulk` header) are granted a slot only
+while no interactive request is queued (an interactive request that has to wait stops all bulk dispatch
+until it is served), and never beyond a per-backend bulk limit: --batch-max-inflight-per-worker
+(`bulk_cap`), by default twice the worker's batch size (its batch full and as many waiting to join it, so
+the worker admits them in groups). While interactive requests are arriving (one in the last
+INTERACTIVE_RECENT seconds) the limit drops to the worker's batch size minus one: a slot of the running
+batch stays free, so an interactive request joins at once instead of queueing behind batch lines.
 
 Each release hands the freed slot to the oldest waiter that can use it, interactive waiters first. A grant
 *reserves* the slot (`backend.reserved`, and `backend.bulk_reserved` for bulk) until the waiter resumes and
@@ -26,7 +30,8 @@ from lb.work import PLAIN, Work
 
 Candidates = Callable[[], Sequence[Backend]]  # re-evaluated at each grant: health can change while waiting
 PRIORITY_HEADER = b"x-lb-priority"  # `X-LB-Priority: bulk` puts an interactive request in the bulk class
-DEFAULT_BULK_CAP = 8  # bulk requests per backend: a worker's default --batch-size, enough to keep it full
+WORKER_BATCH_SIZE = 8  # a worker's batch size when its /health does not say (the workers' default)
+INTERACTIVE_RECENT = 2.0  # seconds: interactive traffic this recent keeps one slot per running batch free
 
 
 def is_bulk(raw_headers: Sequence[tuple[bytes, bytes]]) -> bool:
@@ -66,7 +71,7 @@ class Admission:
         max_queue: int,
         queue_timeout: float,
         on_wait: Callable[[float], None] | None = None,
-        bulk_cap: int = DEFAULT_BULK_CAP,
+        bulk_cap: int | None = None,
     ) -> None:
         self._pool = pool
         self._policy = policy
@@ -77,6 +82,7 @@ class Admission:
         self._queue: deque[_Waiter] = deque()  # interactive waiters
         self._bulk_queue: deque[_Waiter] = deque()
         self.on_wait = on_wait  # receives each queued interactive request's wait in seconds (metrics)
+        self._last_interactive = -INTERACTIVE_RECENT  # monotonic seconds
         pool.on_release(lambda _backend: self._dispatch())
         pool.on_change(self._dispatch)
 
@@ -90,14 +96,23 @@ class Admission:
         return len(self._bulk_queue)
 
     def _available(self, candidates: Sequence[Backend], exclude: frozenset[int], bulk: bool) -> list[Backend]:
-        cap, bulk_cap = self.cap, self.bulk_cap
+        cap = self.cap
+        busy = bulk and time.monotonic() - self._last_interactive < INTERACTIVE_RECENT
         return [
             b
             for b in candidates
             if b.index not in exclude
             and (cap is None or b.in_flight + b.reserved < cap)
-            and (not bulk or b.bulk_in_flight + b.bulk_reserved < bulk_cap)
+            and (not bulk or b.bulk_in_flight + b.bulk_reserved < self.bulk_limit(b, busy))
         ]
+
+    def bulk_limit(self, backend: Backend, interactive_recent: bool) -> int:
+        """Bulk requests `backend` may hold now (see the module docstring)."""
+        size = backend.batch_size or WORKER_BATCH_SIZE
+        limit = self.bulk_cap if self.bulk_cap is not None else 2 * size
+        if interactive_recent:
+            limit = min(limit, max(1, size - 1))
+        return limit
 
     async def choose(
         self,
@@ -120,8 +135,10 @@ class Admission:
             current = [b for b in current if b.index not in exclude]
         if not current:
             raise self._pool.unavailable()
-        if not bulk and self.cap is None:
-            return self._policy.choose(current, work)
+        if not bulk:
+            self._last_interactive = time.monotonic()
+            if self.cap is None:
+                return self._policy.choose(current, work)
         queue = self._bulk_queue if bulk else self._queue
         if not queue and not (bulk and self._queue):
             free = self._available(current, exclude, bulk)

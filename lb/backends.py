@@ -22,6 +22,7 @@ class Backend:
 
     __slots__ = (
         "base_path",
+        "batch_size",
         "bulk_in_flight",
         "bulk_reserved",
         "busy_until",
@@ -75,6 +76,7 @@ class Backend:
         # 64 stable bits of the URL: rendezvous hashing scores (policies.py) survive restarts and balancers
         self.hash = int.from_bytes(hashlib.blake2b(url.encode(), digest_size=8).digest(), "big")
         self.reserved = 0  # queue grants handed out but not yet tracked (see Admission)
+        self.batch_size: int | None = None  # the worker's own batch size, from its /health (sizes bulk)
         self.bulk_in_flight = 0  # of in_flight, those in the bulk class (batch lines; capped per backend)
         self.bulk_reserved = 0
         self.requests_served = 0

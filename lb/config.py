@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from pathlib import Path
 
@@ -149,10 +150,11 @@ class BalancerConfig:
         "retries of a batch line on another worker after a retryable failure (worker died, connect error, "
         "5xx or 429 before any byte)",
     )
-    batch_max_inflight_per_worker: int = setting(
-        8,
-        "most batch lines in flight on one worker at a time; interactive requests go first and take the rest "
-        "(set it to the workers' --batch-size to keep their batches full)",
+    batch_max_inflight_per_worker: int | None = setting(
+        None,
+        "most batch lines in flight on one worker (default: twice the batch size its /health reports, or 16: "
+        "its batch full and as many waiting); while interactive requests arrive, batch lines leave one slot "
+        "of the worker's batch free for them",
         metavar="N",
     )
     datasets_dir: str | None = setting(
@@ -189,6 +191,9 @@ class BalancerConfig:
         "key sent to workers as 'Authorization: Bearer KEY' in place of the client's credentials; clients' "
         "Authorization / X-API-Key are never forwarded when --api-key is set",
         metavar="KEY",
+    )
+    model_load_timeout: float = setting(
+        900.0, "seconds one worker may take to load a checkpoint during POST /models/set_active"
     )
     log_level: str = setting("info", "logging level", choices=LOG_LEVELS)
     telemetry_interval: float = setting(
@@ -238,7 +243,6 @@ class BalancerConfig:
             "max_connections",
             "batch_max_lines",
             "batch_max_file_size",
-            "batch_max_inflight_per_worker",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
@@ -262,6 +266,8 @@ class BalancerConfig:
             raise ConfigError(f"scale_max: {self.scale_max} is below scale_min {self.scale_min}")
         if self.scale_down_queue >= self.scale_up_queue:
             raise ConfigError("scale_down_queue: must be below scale_up_queue")
+        if self.batch_max_inflight_per_worker is not None and self.batch_max_inflight_per_worker < 1:
+            raise ConfigError("batch_max_inflight_per_worker: must be >= 1")
         if self.max_inflight_per_worker is not None and self.max_inflight_per_worker < 1:
             raise ConfigError("max_inflight_per_worker: must be >= 1")
         for url in self.workers:
@@ -271,6 +277,12 @@ class BalancerConfig:
         self.key_limits()
         self.admin_secret()
         self.log_files()
+        if self.otlp_endpoint is not None:
+            _check_url("otlp_endpoint", self.otlp_endpoint)
+            if importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is None:
+                raise ConfigError(
+                    "otlp_endpoint: needs opentelemetry-sdk and opentelemetry-exporter-otlp-proto-http"
+                )
 
     def worker_urls(self) -> list[str]:
         """--workers followed by the lines of --workers-file, normalised, without duplicates."""

@@ -46,6 +46,7 @@ class HealthChecker:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self.unhealthy_threshold = unhealthy_threshold
         self.healthy_threshold = healthy_threshold
+        self.batch_sizes: dict[str, int | None] = {}  # URL -> batch_size from its last /health
 
     async def run(self) -> None:
         """Probe every backend each interval until cancelled."""
@@ -69,6 +70,7 @@ class HealthChecker:
             self.record_failure(backend, str(exc))
         else:
             backend.last_check = time.time()
+            backend.batch_size = self.batch_sizes.get(backend.url)
             self.record_success(backend, models)
 
     def record_success(self, backend: Backend, models: frozenset[str]) -> None:
@@ -126,6 +128,9 @@ class HealthChecker:
     async def probe_body(self, url: str) -> tuple[frozenset[str], Any]:
         """`probe`, with the /health body too (discovery tells a worker from a balancer by it)."""
         body = await self._get_json(url + "/health")
+        # the worker's current cap (lowered after running out of memory), else its configured batch size
+        size = (body.get("batch_cap") or body.get("batch_size")) if isinstance(body, dict) else None
+        self.batch_sizes[url] = size if isinstance(size, int) and size > 0 else None
         models = _models_from_health(body)
         if not models:
             try:

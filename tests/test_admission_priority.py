@@ -59,9 +59,34 @@ async def test_bulk_never_takes_more_than_its_cap_but_interactive_still_gets_in(
     third = asyncio.create_task(admission.choose(lambda: pool.routable, bulk=True, patient=True))
     await asyncio.sleep(0.01)
     assert not third.done() and backend.bulk_in_flight == 2
-    assert await admission.choose(lambda: pool.routable) is backend  # interactive: not held by the bulk cap
     pool.release(backend, True)  # one bulk line ends: the waiting one gets its slot
     assert await asyncio.wait_for(third, 1) is backend
+    assert await admission.choose(lambda: pool.routable) is backend  # interactive: not held by the bulk cap
+
+
+def test_bulk_limit_defaults_to_twice_the_workers_batch_size() -> None:
+    pool = one_backend_pool()
+    admission = Admission(pool, RoundRobin(), max_inflight_per_worker=None, max_queue=8, queue_timeout=5)
+    backend = pool.backends[0]
+    assert admission.bulk_limit(backend, interactive_recent=False) == 16  # /health gave no batch size: 8
+    backend.batch_size = 4
+    assert admission.bulk_limit(backend, interactive_recent=False) == 8
+    assert admission.bulk_limit(backend, interactive_recent=True) == 3
+
+
+async def test_recent_interactive_traffic_keeps_one_slot_of_the_workers_batch_free() -> None:
+    pool = one_backend_pool()
+    admission = Admission(pool, RoundRobin(), max_inflight_per_worker=None, max_queue=8, queue_timeout=5)
+    backend = pool.backends[0]
+    backend.batch_size = 3  # bulk may hold 6 (its batch and as many waiting) ...
+    await admission.choose(lambda: pool.routable)  # ... but an interactive request just arrived
+    for _ in range(2):
+        await pool.track(await admission.choose(lambda: pool.routable, bulk=True), True).__aenter__()
+    third = asyncio.create_task(admission.choose(lambda: pool.routable, bulk=True, patient=True))
+    await asyncio.sleep(0.01)
+    assert not third.done()  # one slot of the worker's batch of 3 stays free for interactive requests
+    third.cancel()
+    assert backend.bulk_in_flight == 2 and backend.bulk_reserved == 0
 
 
 def test_priority_header_marks_a_request_bulk() -> None:

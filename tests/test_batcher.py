@@ -346,3 +346,13 @@ def test_batch_cap_halves_on_out_of_memory_and_recovers_after_a_quiet_period() -
     now[0] = 20.0
     assert cap.current() == 16  # ... never above the batch size
     assert cap.lower(1) == 1  # a single row that does not fit still leaves a cap of one
+
+
+async def test_rows_set_aside_resume_even_in_an_engine_that_takes_no_joiners(
+    make_batcher: MakeBatcher, closing: list[DynamicBatcher],
+) -> None:
+    engine = OutOfMemoryEngine(oom_above=2, oom_from=3, max_num_seqs=0)  # free_slots() is always 0
+    batcher = await start(make_batcher(engine, batch_size=4, max_wait_time=0.5), closing)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(collect(batcher, request(f"r{i}", 6, f"prompt {i}")) for i in range(4))), timeout=10)
+    assert [sum(e.num_tokens for e in events) for events in results] == [6, 6, 6, 6]

@@ -229,3 +229,10 @@ def test_suspended_canvases_resume_where_they_stopped(engine: DllmEngine) -> Non
         if not engine.num_running and step > 9:
             break
     assert [tokens[r.request_id] for r in requests] == singles
+
+
+def test_the_worker_flag_offers_exactly_the_engine_algorithms() -> None:
+    from workers.config import DLLM_ALGORITHMS
+    from workers.engines.base import DIFFUSION_ALGORITHMS
+
+    assert DLLM_ALGORITHMS == DIFFUSION_ALGORITHMS  # config.py cannot import the engines package (a cycle)

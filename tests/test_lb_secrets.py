@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import SpawnFn
 from tests.lb_cluster import post_json, start_lb, start_workers
 from tests.processes import free_port, python_module
+from tests.processes import test_env as child_env
 
 API_KEY = "sk-client-SECRET-4242"
 ADMIN_TOKEN = "admin-SECRET-7777"
@@ -79,7 +80,8 @@ def test_credentials_never_reach_the_log_stats_or_metrics(spawn: SpawnFn, tmp_pa
             urllib.request.urlopen(request, timeout=10).close()
         except urllib.error.HTTPError as exc:
             assert exc.code == 401
-    pages = [get_text(lb.url + path, ADMIN_TOKEN) for path in ("/stats", "/metrics", "/workers", "/health")]
+    paths = ("/stats", "/metrics", "/workers", "/health", "/config", "/cluster")
+    pages = [get_text(lb.url + path, ADMIN_TOKEN) for path in paths]
     lb.proc.signal(signal.SIGTERM)
     lb.proc.popen.wait(20)
     log = lb.proc.log_path.read_text(errors="replace")
@@ -154,3 +156,15 @@ def test_redactor_masks_the_configured_secrets_anywhere() -> None:
         )
     Redactor(["sk-live-123"]).filter(record)
     assert "sk-live-123" not in logging.Formatter().format(record)
+
+
+def test_config_masks_a_key_and_token_given_as_values(spawn: SpawnFn) -> None:
+    port = free_port()
+    env = child_env(IB_LB_API_KEY=API_KEY, IB_LB_ADMIN_TOKEN=ADMIN_TOKEN)  # values, not files
+    proc = spawn(python_module("lb", "--port", str(port)), name="lb", env=env)
+    proc.wait_http_ok(f"http://127.0.0.1:{port}/stats")
+    config = get_text(f"http://127.0.0.1:{port}/config", ADMIN_TOKEN)
+    assert '"admin_token": "' in config  # the key is listed, its value masked
+    for path in ("/config", "/stats", "/metrics", "/cluster"):
+        page = get_text(f"http://127.0.0.1:{port}{path}", ADMIN_TOKEN)
+        assert API_KEY not in page and ADMIN_TOKEN not in page

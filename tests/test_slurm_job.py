@@ -7,6 +7,7 @@ the balancer, and no process left after `scancel`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -186,6 +188,16 @@ def test_two_node_job_puts_workers_on_both_nodes(slurm: SlurmCluster, tmp_path: 
     assert "node2" in (job.dir / "node-1" / "task.log").read_text().splitlines()[0]  # SLURMD_NODENAME
     devices = sorted(_get_json(f"{w['url']}/health")["cuda_visible_devices"] for w in stats["workers"])
     assert devices == ["0", "0", "1", "1"]
+    # The job's admin token is on no command line (ps shows them to every user of the node), and being on the
+    # node's loopback does not replace it: an unauthenticated POST /workers is refused.
+    for proc in _job_processes(job):
+        with contextlib.suppress(psutil.Error):
+            assert job.admin_token not in " ".join(proc.cmdline()), proc.cmdline()
+    request = urllib.request.Request(f"http://127.0.0.1:{job.connection['port']}/workers", method="POST",
+                                     data=json.dumps({"url": stats["workers"][0]["url"]}).encode())
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401
 
     # A worker on the second node dies: its node task restarts it and the balancer takes it back.
     victim = json.loads((job.dir / "node-1" / "cluster.json").read_text())["workers"][0]

@@ -226,7 +226,9 @@ class DynamicBatcher:
         with self._wakeup:
             cap = self.cap.current()
             if self._active:
-                room = min(cap - self._stepping, self.engine.free_slots())
+                room = cap - self._stepping
+                if self._stepping:  # an engine with nothing to step takes what the cap allows, as fresh
+                    room = min(room, self.engine.free_slots())
                 resumed = [self._suspended.popleft() for _ in range(min(max(room, 0), len(self._suspended)))]
                 room = min(room - len(resumed), len(self._queue))
                 entries = [self._queue.popleft() for _ in range(max(room, 0))]
