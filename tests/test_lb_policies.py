@@ -10,7 +10,6 @@ import pytest
 
 from lb.backends import Backend, BackendPool
 from lb.config import BalancerConfig
-from lb.errors import BadRequest
 from lb.policies import POLICIES, LeastTokens, PrefixAffinity, RoundRobin, Tuning, rendezvous
 from lb.ratelimit import RateLimited, RateLimiter, reset_text
 from lb.settings import ConfigError, from_mapping
@@ -108,8 +107,8 @@ def test_work_reader_reads_only_what_is_needed() -> None:
     session = WorkReader(frozenset({"session"}), 20, "X-Session-ID")
     assert session.read([(b"x-session-id", b"abc")], b"not json", None).key == "abc"  # header: body unread
     assert session.read([], b'{"user": "u-7"}', None).key == "u-7"
-    with pytest.raises(BadRequest):
-        WorkReader(frozenset({"prefix"}), 20, "X-Session-ID").read([], b"[1, 2]", None)
+    # a body routing cannot read is the worker's to refuse: no key, no payload, no error here
+    assert WorkReader(frozenset({"prefix"}), 20, "X-Session-ID").read([], b"[1, 2]", None) == Work()
 
 
 def test_worker_weights_from_flags_and_file(tmp_path: Path) -> None:
