@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lb.backends import Backend, BackendPool
-from lb.config import BalancerConfig
+from lb.config import BalancerConfig, load
 from lb.policies import POLICIES, LeastTokens, PrefixAffinity, RoundRobin, Tuning, rendezvous
 from lb.ratelimit import RateLimited, RateLimiter, reset_text
 from lb.settings import ConfigError, from_mapping
@@ -126,6 +126,15 @@ def test_worker_weights_from_flags_and_file(tmp_path: Path) -> None:
     ]
     with pytest.raises(ConfigError, match="weight"):
         from_mapping(BalancerConfig, {"workers": ["http://10.0.0.1:8000@0"]})
+
+
+def test_worker_weights_from_yaml(tmp_path: Path) -> None:
+    config_file = tmp_path / "lb.yaml"
+    config_file.write_text(
+        "workers:\n  - http://10.0.0.1:8000@2.5\n  - http://10.0.0.2:8000\npolicy: session\n"
+    )
+    config = load(["--config", str(config_file)])
+    assert config.worker_specs() == [("http://10.0.0.1:8000", 2.5), ("http://10.0.0.2:8000", 1.0)]
 
 
 def test_key_file_carries_per_key_limits(tmp_path: Path) -> None:
