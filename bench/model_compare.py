@@ -87,7 +87,8 @@ def vllm_bench(vllm_python: str, url: str, server: str, model_dir: str, config: 
     rows = []
     for c in (int(x) for x in config.concurrency):
         name = f"{server}-{c}.json"
-        cmd = [vllm_python, str(VLLM_CLI), "bench", "serve", "--backend", "openai", "--base-url", url,
+        # -P: not bench/ first on sys.path (bench/profile.py would shadow the standard library's profile)
+        cmd = [vllm_python, "-P", str(VLLM_CLI), "bench", "serve", "--backend", "openai", "--base-url", url,
                "--endpoint", "/v1/completions", "--model", NAME, "--tokenizer", model_dir,
                "--dataset-name", "random", "--random-input-len", str(config.prompt_len),
                "--random-output-len", str(config.max_tokens),

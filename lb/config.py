@@ -39,7 +39,8 @@ class BalancerConfig:
     affinity_max_load: float = setting(
         1.25,
         "prefix_affinity / session: a key's worker is passed over for the least-loaded one once it carries "
-        "more than this x its weighted share of the requests in flight (bounded-load consistent hashing)",
+        "more than this x its weighted share of the requests in flight, and 4 more than the least-loaded "
+        "(bounded-load consistent hashing)",
     )
     affinity_prefix_chars: int = setting(
         512,

@@ -53,6 +53,20 @@ async def test_weights_3_to_1_split_400_requests_within_5_percent(
     assert stats_of(balancer)[0]["weight"] == 3.0
 
 
+async def test_a_worker_added_with_a_weight_gets_its_share(
+    upstreams: Any, balancer: Any, http: aiohttp.ClientSession
+) -> None:
+    light, heavy = await upstreams(), await upstreams()
+    url = await balancer([light], policy="round_robin")
+    async with http.post(url + "/workers", json={"url": heavy.url, "weight": "heavy"}) as resp:
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == "weight"
+    async with http.post(url + "/workers", json={"url": heavy.url, "weight": 3}) as resp:
+        assert resp.status == 201 and (await resp.json())["weight"] == 3.0
+    for _ in range(40):
+        assert (await post(http, url, chat()))[0] == 200
+    assert (light.requests, heavy.requests) == (10, 30)
+
+
 async def test_prefix_affinity_keeps_each_prefix_on_one_worker(
     upstreams: Any, balancer: Any, http: aiohttp.ClientSession
 ) -> None:

@@ -103,7 +103,8 @@ async def run(state: WorkerState, config: WorkerConfig, engine: Engine, record: 
     else:
         record.state = "loaded"
     record.seconds = elapsed_since(started)
-    state.status = "ok"
+    if state.status == "loading":  # not if a SIGTERM began the worker's own drain meanwhile
+        state.status = "ok"
     log.info("swap %d %s in %.1fs: serving %s", record.id, record.state, record.seconds,
              state.config.model_name)
 
