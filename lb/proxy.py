@@ -192,8 +192,8 @@ class Proxy:
         def current() -> Sequence[Backend]:
             return router.candidates(model, pool.routable)
 
-        if not candidates:
-            current = _empty  # known model, nobody healthy serving it: 503 from admission
+        if not candidates and pool.busy_for() is None:
+            current = _empty  # known model, nobody healthy serving it: 503 from admission (unless resting)
         tried: frozenset[int] = frozenset()
         retries = 0
         headers = self.worker_headers(exchange)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,25 @@ async def test_503_with_retry_after_is_skipped_for_that_long_and_stays_healthy(
     await asyncio.sleep(1.1)
     assert {(await post(http, url, chat()))[1] for _ in range(4)} == {"0", "1"}
     assert stats_of(balancer)[0]["healthy"]
+
+
+async def test_a_request_waits_out_a_short_retry_after_and_fails_fast_on_a_long_one(
+    upstreams: Any, balancer: Any, http: aiohttp.ClientSession
+) -> None:
+    only = await upstreams()
+    url = await balancer([only], queue_timeout=3)
+    only.status, only.retry_after = 503, "1"
+    assert (await post(http, url, chat()))[0] == 503  # nobody else to try: the worker's answer, relayed
+    only.status = 200
+    started = time.monotonic()
+    assert (await post(http, url, chat()))[0] == 200  # queued until the worker's second of rest is over
+    assert time.monotonic() - started > 0.5 and only.requests == 2
+    only.status, only.retry_after = 503, "60"  # longer than --queue-timeout: no point waiting
+    await post(http, url, chat())
+    async with http.post(url + CHAT, json=chat()) as resp:
+        assert resp.status == 503 and int(resp.headers["Retry-After"]) >= 59
+        assert (await resp.json())["error"]["code"] == "workers_busy"
+    assert only.requests == 3
 
 
 async def test_rate_limit_refuses_the_61st_request_of_a_60_rpm_key(
