@@ -45,6 +45,12 @@ class AffinityConfig:
     requests: int = setting(96, "requests per policy")
     concurrency: int = setting(8, "clients sending at once")
     max_tokens: int = setting(8, "tokens generated per request (ignore_eos)")
+    kv_blocks: int | None = setting(
+        None,
+        "cache pressure: give each worker only this many KV blocks of 32 tokens (--num-gpu-blocks-override), "
+        "so one worker cannot keep every prefix cached; default: vLLM's 1 GiB (about 500k tokens)",
+        metavar="N",
+    )
     startup_timeout: float = setting(600.0, "seconds the vLLM workers may take to start")
     results: bool = setting(True, "write the table to bench/RESULTS.md")
 
@@ -135,6 +141,8 @@ def start_vllm(config: AffinityConfig, log_dir: Path) -> list[tuple[Process, str
             "--enforce-eager",
             "--enable-prefix-caching",
         ]
+        if config.kv_blocks is not None:
+            args += ["--block-size", "32", "--num-gpu-blocks-override", str(config.kv_blocks)]
         workers.append((Process(args, log_dir / f"vllm-{i}.log", f"vllm-{i}"), f"http://127.0.0.1:{port}"))
     return workers
 
@@ -227,9 +235,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(tokens) over the run, both workers. The 2-core machine is shared with other jobs: figures "
             "are indicative."
         )
+        if config.kv_blocks is not None:
+            setup += (
+                f" **Cache pressure**: each worker has {config.kv_blocks} KV blocks of 32 tokens "
+                f"({config.kv_blocks * 32} tokens), fewer than all prefixes plus the running requests need."
+            )
         write_section(
-            "affinity",
-            "Prefix affinity vs round robin on vLLM (prefix caching)",
+            "affinity" if config.kv_blocks is None else "affinity-kv-pressure",
+            "Prefix affinity vs round robin on vLLM (prefix caching)"
+            + ("" if config.kv_blocks is None else ", under KV-cache pressure"),
             f"{setup}\n\n{text}",
             command_line(argv, "bench.affinity"),
         )

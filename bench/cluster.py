@@ -49,13 +49,15 @@ def _http_status(url: str) -> int:
 class Process:
     """One child in its own process group, output to `log_path`."""
 
-    def __init__(self, args: Sequence[str], log_path: Path, name: str) -> None:
+    def __init__(self, args: Sequence[str], log_path: Path, name: str, code_dir: Path = REPO_ROOT) -> None:
+        """`code_dir`: the checkout the child imports (another one, e.g. an older commit, to compare)."""
         self.args = list(args)
         self.name = name
         self.log_path = log_path
+        path = os.pathsep.join(filter(None, [str(code_dir), os.environ.get("PYTHONPATH")]))
         with open(log_path, "wb") as log:  # the child keeps its own descriptor
             self.popen = subprocess.Popen(
-                self.args, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO_ROOT,
+                self.args, stdout=log, stderr=subprocess.STDOUT, env=child_env(PYTHONPATH=path), cwd=code_dir,
                 start_new_session=True,
             )
 
@@ -125,14 +127,15 @@ def start_balancer(
     log_path: Path,
     extra_args: Sequence[str] = (),
     timeout: float = 60.0,
+    code_dir: Path = REPO_ROOT,
 ) -> tuple[Process, str]:
-    """`python -m lb` on a free port in front of `worker_urls`, ready (its /health answers 200)."""
+    """`python -m lb` (from `code_dir`) on a free port in front of `worker_urls`, ready (/health is 200)."""
     port = free_port()
     args = [
         sys.executable, "-m", "lb", "--host", "127.0.0.1", "--port", str(port),
         "--workers", ",".join(worker_urls), "--policy", policy, *extra_args,
     ]
-    proc = Process(args, log_path, "balancer")
+    proc = Process(args, log_path, "balancer", code_dir)
     url = f"http://127.0.0.1:{port}"
     try:
         proc.wait_ready(url + "/health", timeout)

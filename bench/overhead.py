@@ -44,6 +44,12 @@ class OverheadConfig:
     py_spy: str | None = setting(
         None, "a py-spy binary: profile the balancer during the high-concurrency runs (bench/profile.py)"
     )
+    before: str | None = setting(
+        None,
+        "another checkout of the project (e.g. `git worktree add /tmp/before COMMIT`): its balancer is "
+        "measured too, alternating with this one in the same run, and the table gains its columns",
+        metavar="DIR",
+    )
     results: bool = setting(True, "write the table to bench/RESULTS.md")
     json: str | None = setting(None, "write every run to this JSON file")
 
@@ -87,7 +93,10 @@ def cpu_seconds(proc: Process | None) -> float:
 
 
 def measure(
-    config: OverheadConfig, upstream: Process, upstream_url: str, lb: Process, lb_url: str
+    config: OverheadConfig,
+    upstream: Process,
+    upstream_url: str,
+    balancers: dict[str, tuple[str, Process]],
 ) -> list[Run]:
     hi = config.high_concurrency
     scenarios = [
@@ -95,7 +104,7 @@ def measure(
         (f"c{hi}", hi, body(config.max_tokens, False)),
         (f"c{hi}-stream", hi, body(config.stream_tokens, True)),
     ]
-    targets = {"direct": (upstream_url, None), "balancer": (lb_url, lb)}
+    targets: dict[str, tuple[str, Process | None]] = {"direct": (upstream_url, None), **balancers}
     runs: list[Run] = []
     for scenario, connections, data in scenarios:
         # direct and balancer alternate, so a slow spell of the shared machine hits both
@@ -112,6 +121,7 @@ def measure(
                       f"p50 {result.p50_ms:.3f} ms  p99 {result.p99_ms:.3f} ms  errors {result.errors}",
                       file=sys.stderr, flush=True)
         if config.py_spy and connections > 1:
+            lb_url, lb = balancers["balancer"]
             median(runs, "balancer", scenario).profile = profile_run(
                 config, config.py_spy, lb, lb_url + "/v1/completions", data, connections
             )
@@ -141,25 +151,42 @@ def table(config: OverheadConfig, runs: Sequence[Run], events: int) -> str:
         return median(runs, target, scenario)
 
     hi = f"c{config.high_concurrency}"
+    targets = ["balancer"] + (["before"] if any(r.target == "before" for r in runs) else [])
     rows: list[list[object]] = []
+
+    def row(label: str, scenario: str, value: Any, compare: Any) -> None:
+        d = get("direct", scenario)
+        cells: list[object] = [label, value(d)]
+        for target in targets:
+            b = get(target, scenario)
+            cells += [value(b), compare(d, b)]
+        rows.append(cells)
+
     for scenario, label in (("c1", "concurrency 1"), (hi, f"concurrency {config.high_concurrency}")):
-        d, b = get("direct", scenario).result, get("balancer", scenario).result
-        rows.append([f"latency p50, {label} (ms)", d.p50_ms, b.p50_ms, f"{b.p50_ms - d.p50_ms:+.3f} ms"])
-        rows.append([f"latency p99, {label} (ms)", d.p99_ms, b.p99_ms, f"{b.p99_ms - d.p99_ms:+.3f} ms"])
-    d, b = get("direct", hi).result, get("balancer", hi).result
-    rows.append([f"req/s, concurrency {config.high_concurrency}", round(d.requests_per_s),
-                 round(b.requests_per_s), f"{b.requests_per_s / d.requests_per_s:.2f}x"])
-    ds, bs = get("direct", hi + "-stream").result, get("balancer", hi + "-stream").result
-    rows.append([f"SSE events/s, concurrency {config.high_concurrency}", round(ds.requests_per_s * events),
-                 round(bs.requests_per_s * events), f"{bs.requests_per_s / ds.requests_per_s:.2f}x"])
+        row(f"latency p50, {label} (ms)", scenario, lambda r: r.result.p50_ms,
+            lambda d, b: f"{b.result.p50_ms - d.result.p50_ms:+.3f} ms")
+        row(f"latency p99, {label} (ms)", scenario, lambda r: r.result.p99_ms,
+            lambda d, b: f"{b.result.p99_ms - d.result.p99_ms:+.3f} ms")
+    row(f"req/s, concurrency {config.high_concurrency}", hi, lambda r: round(r.result.requests_per_s),
+        lambda d, b: f"{b.result.requests_per_s / d.result.requests_per_s:.2f}x")
+    row(f"SSE events/s, concurrency {config.high_concurrency}", hi + "-stream",
+        lambda r: round(r.result.requests_per_s * events),
+        lambda d, b: f"{b.result.requests_per_s / d.result.requests_per_s:.2f}x")
     for scenario in ("c1", hi, hi + "-stream"):
-        direct, run = get("direct", scenario), get("balancer", scenario)
-        if run.lb_cpu_s is not None and run.result.requests and direct.result.requests:
-            rows.append([f"CPU per request, {scenario} (us): upstream direct / balancer",
-                         round(direct.worker_cpu_s / direct.result.requests * 1e6),
-                         round(run.lb_cpu_s / run.result.requests * 1e6), ""])
+        if get("direct", scenario).result.requests and all(
+            get(t, scenario).lb_cpu_s is not None and get(t, scenario).result.requests for t in targets
+        ):
+            row(f"CPU per request, {scenario} (us): upstream direct / balancer", scenario,
+                lambda r: round((r.lb_cpu_s if r.lb_cpu_s is not None else r.worker_cpu_s)
+                                / r.result.requests * 1e6),
+                lambda d, b: "")
+    d, b = get("direct", hi).result, get("balancer", hi).result
+    ds, bs = get("direct", hi + "-stream").result, get("balancer", hi + "-stream").result
+    headers = ["figure", "direct", "via balancer", "added / ratio"]
+    if "before" in targets:
+        headers += ["via balancer before (--before)", "added / ratio before"]
     errors = sum(r.result.errors for r in runs)
-    text = markdown_table(["figure", "direct", "via balancer", "added / ratio"], rows)
+    text = markdown_table(headers, rows)
     text += f"\n\nwrk errors (connect, read, write, non-2xx, timeout) over all runs: {errors}."
     c1_d, c1_b = get("direct", "c1").result, get("balancer", "c1").result
     checks = [
@@ -199,17 +226,24 @@ def start_upstream(kind: str, config: OverheadConfig, log_dir: Path) -> tuple[Pr
 
 def measure_upstream(kind: str, config: OverheadConfig, log_dir: Path) -> tuple[list[Run], int]:
     upstream, upstream_url = start_upstream(kind, config, log_dir)
+    balancers: dict[str, tuple[str, Process]] = {}
     try:
         lb, lb_url = start_balancer([upstream_url], "round_robin", log_dir / f"lb-{kind}.log")
-        try:
-            events = sse_events(upstream_url + "/v1/completions", body(config.stream_tokens, True))
-            via_lb = sse_events(lb_url + "/v1/completions", body(config.stream_tokens, True))
+        balancers["balancer"] = (lb_url, lb)
+        if config.before:
+            old, old_url = start_balancer(
+                [upstream_url], "round_robin", log_dir / f"lb-before-{kind}.log", code_dir=Path(config.before)
+            )
+            balancers["before"] = (old_url, old)
+        events = sse_events(upstream_url + "/v1/completions", body(config.stream_tokens, True))
+        for url, _ in balancers.values():
+            via_lb = sse_events(url + "/v1/completions", body(config.stream_tokens, True))
             if via_lb != events:
                 raise RuntimeError(f"the balancer changed the stream: {via_lb} events vs {events} direct")
-            return measure(config, upstream, upstream_url, lb, lb_url), events
-        finally:
-            lb.stop()
+        return measure(config, upstream, upstream_url, balancers), events
     finally:
+        for _, proc in balancers.values():
+            proc.stop()
         upstream.stop()
 
 

@@ -14,6 +14,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,39 @@ class PolicyOverheadConfig:
 def body() -> bytes:
     payload = {"model": "fake-model", "prompt": PROMPT, "max_tokens": 8, "user": "bench-user"}
     return json.dumps(payload).encode()
+
+
+def decision_cost(name: str, repeat: int = 20_000) -> float:
+    """Microseconds of CPU for one routing decision in-process: the intake's reads (for a variant that has
+    an intake), then the policy's choice over 4 backends, as `Proxy.forward` runs them. Unlike the wrk
+    figures this hardly depends on how busy the shared machine is. NaN for a background feature."""
+    from lb.backends import BackendPool
+    from lb.config import BalancerConfig
+    from lb.intake import Intake
+    from lb.metrics import Metrics
+    from lb.policies import POLICIES
+    from lb.settings import from_mapping
+    from lb.work import PLAIN
+
+    policy_name, extra = VARIANTS[name]
+    if "--discover-interval" in extra:
+        return float("nan")
+    settings: dict[str, object] = {"policy": policy_name}
+    if "--rate-limit-rpm" in extra:
+        settings["rate_limit_rpm"] = 1_000_000_000
+    config = from_mapping(BalancerConfig, settings)
+    pool = BackendPool()
+    for i in range(4):
+        pool.set_health(pool.add(f"http://127.0.0.1:{9400 + i}"), True)
+    intake = Intake(config, Metrics(pool, lambda: 0)) if Intake.wanted(config) else None
+    policy = POLICIES[policy_name]()
+    data = body()
+    headers = [(b"Content-Type", b"application/json"), (b"Authorization", b"Bearer k")]
+    started = time.perf_counter()
+    for _ in range(repeat):
+        work = intake.admit("/v1/completions", headers, data).work if intake is not None else PLAIN
+        policy.choose(pool.routable, work)
+    return (time.perf_counter() - started) / repeat * 1e6
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,34 +152,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ordered[(len(ordered) - 1) // 2]
 
     base = median_round("round_robin")
-    table_rows = []
+    decisions = {name: decision_cost(name) for name in VARIANTS}
+    table_rows: list[list[object]] = []
     for name in VARIANTS:
         p50_c1, p50_hi, rps, us = median_round(name)
-        table_rows.append(
-            [
-                name,
-                p50_c1,
-                f"{p50_c1 - base[0]:+.3f}",
-                p50_hi,
-                round(rps),
-                f"{rps / base[2]:.2f}x",
-                round(us),
-                f"{us - base[3]:+.0f}",
-            ]
-        )
+        decision = decisions[name]
+        timed = decision == decision  # NaN: a background feature, nothing per request to time
+        table_rows.append([
+            name, f"{decision:.1f}" if timed else "-",
+            f"{decision - decisions['round_robin']:+.1f}" if timed else "-",
+            p50_c1, f"{p50_c1 - base[0]:+.3f}", p50_hi, round(rps), f"{rps / base[2]:.2f}x", round(us),
+            f"{us - base[3]:+.0f}",
+        ])  # fmt: skip
     text = markdown_table(
-        [
-            "variant",
-            "p50 c1 (ms)",
-            "vs round_robin",
-            f"p50 c{config.concurrency} (ms)",
-            f"req/s c{config.concurrency}",
-            "vs round_robin",
-            "balancer CPU/request (us)",
-            "vs round_robin",
-        ],
+        ["variant", "routing decision (us, in-process)", "vs round_robin", "p50 c1 (ms)", "vs round_robin",
+         f"p50 c{config.concurrency} (ms)", f"req/s c{config.concurrency}", "vs round_robin",
+         "balancer CPU/request (us)", "vs round_robin"],
         table_rows,
-    )
+    )  # fmt: skip
     spread = statistics.pstdev(r[2] for r in rows["round_robin"]) if len(rows["round_robin"]) > 1 else 0.0
     text += (
         f"\n\nround_robin's req/s varied by {spread:.0f} (population std dev) across the "

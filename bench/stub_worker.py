@@ -57,9 +57,10 @@ DONE = _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 class StubProtocol(asyncio.Protocol):
     """HTTP/1.1 keep-alive, Content-Length request bodies only (what wrk and the balancer send)."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
+        self.delay = delay  # seconds before a non-streamed answer: a worker's service time, without its CPU
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass, but behaves as one
@@ -93,13 +94,19 @@ class StubProtocol(asyncio.Protocol):
             for _ in range(tokens):  # one write per event, as a generating worker would
                 self.transport.write(EVENT)
             self.transport.write(DONE)
+        elif self.delay:
+            asyncio.get_running_loop().call_later(self.delay, self._write, completion(tokens))
         else:
             self.transport.write(completion(tokens))
 
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
-async def serve(host: str, port: int) -> None:
+
+async def serve(host: str, port: int, delay: float = 0.0) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(StubProtocol, host, port, backlog=1024)
+    server = await loop.create_server(lambda: StubProtocol(delay), host, port, backlog=1024)
     async with server:
         await server.serve_forever()
 
@@ -108,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.stub_worker", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, required=True, help="TCP port to listen on")
+    parser.add_argument(
+        "--delay", type=float, default=0.0, help="seconds before each non-streamed answer (default: 0)"
+    )
     args = parser.parse_args(argv)
     runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     with contextlib.suppress(ImportError):
@@ -115,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         runner = uvloop.run
     with contextlib.suppress(KeyboardInterrupt):
-        runner(serve(args.host, args.port))
+        runner(serve(args.host, args.port, args.delay))
     return 0
 
 

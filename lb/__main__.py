@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    redaction.install([*config.api_keys(), config.admin_secret() or ""])  # before anything is logged
+    # before anything is logged: every key and token the balancer holds
+    redaction.install([*config.api_keys(), config.admin_secret() or "", config.worker_api_key or ""])
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows

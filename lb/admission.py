@@ -133,11 +133,11 @@ class Admission:
         current = candidates()
         if exclude:
             current = [b for b in current if b.index not in exclude]
-        if not current:
+        if not current and not self._resting(exclude):
             raise self._pool.unavailable()
         if not bulk:
             self._last_interactive = time.monotonic()
-            if self.cap is None:
+            if self.cap is None and current:
                 return self._policy.choose(current, work)
         queue = self._bulk_queue if bulk else self._queue
         if not queue and not (bulk and self._queue):
@@ -203,7 +203,7 @@ class Admission:
             if waiter.future.done():
                 continue
             candidates = waiter.candidates()
-            if not candidates:
+            if not candidates and not self._resting(waiter.exclude):
                 waiter.future.set_exception(self._pool.unavailable())
                 queue.remove(waiter)
                 continue
@@ -215,6 +215,12 @@ class Admission:
                     backend.bulk_reserved += 1
                 queue.remove(waiter)
                 waiter.future.set_result(backend)
+
+    def _resting(self, exclude: frozenset[int]) -> bool:
+        """Whether a worker this request may use is only resting after a 429/503 + Retry-After that ends
+        within the queue timeout: then the request waits in the queue for it rather than failing at once."""
+        wait = self._pool.busy_for(exclude)
+        return wait is not None and wait <= self.queue_timeout
 
     def fail_all(self, exc: Exception) -> int:
         """Shutdown: every client's waiter, interactive and bulk, gets `exc` (a 503 at once rather than a

@@ -8,6 +8,7 @@ in its last background round; answering it never waits on a worker.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ def worker_state(healthy: bool, draining: bool) -> str:
 
 
 def cluster_document(state: BalancerState) -> dict[str, Any]:
+    """Everything but the charts' history, which `get_cluster` splices in (serialised once per round)."""
     telemetry = state.telemetry
     overall = telemetry.overall
     workers = []
@@ -87,18 +89,6 @@ def cluster_document(state: BalancerState) -> dict[str, Any]:
         },
         "workers": workers,
         "jobs": telemetry.work,
-        "history": {
-            name: [getattr(point, name) for point in history]
-            for name in (
-                "t",
-                "requests_per_s",
-                "tokens_per_s",
-                "latency_ms_p50",
-                "latency_ms_p99",
-                "queue_depth",
-                "in_flight",
-            )
-        },
     }
 
 
@@ -128,7 +118,10 @@ def masked_config(state: BalancerState) -> dict[str, Any]:
 
 
 async def get_cluster(request: web.Request) -> web.Response:
-    return web.json_response(cluster_document(request.app[STATE]))
+    state = request.app[STATE]
+    live = json.dumps(cluster_document(state))
+    body = f'{live[:-1]}, "history": {state.telemetry.history_json}}}'
+    return web.Response(text=body, content_type="application/json", headers={"Cache-Control": "no-store"})
 
 
 async def get_config(request: web.Request) -> web.Response:

@@ -36,6 +36,8 @@ async def get_stats(request: web.Request) -> web.Response:
         queue_depth=state.admission.depth,
     )
     body["batches"] = state.batches.running()  # batches being dispatched, with their progress
+    latest = state.switcher.latest  # the latest rolling model switch, step by step
+    body["model_switch"] = latest.as_dict() if latest else None
     return web.json_response(body)
 
 

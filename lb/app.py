@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from lb import api_cluster, api_solve, api_status, logs
+from lb import api_cluster, api_models, api_solve, api_status, logs
 from lb.admin import Admin
 from lb.admission import Admission
 from lb.aiohttp_server import json_http_errors
 from lb.autoscale import Autoscaler
 from lb.backends import BackendPool
 from lb.config import BalancerConfig
+from lb.datastore import connect
 from lb.discovery import Discovery, parse_ranges
 from lb.health import HealthChecker
 from lb.jobs import api_batches, api_files, api_jobs
@@ -26,8 +27,11 @@ from lb.model_routing import ModelRouter
 from lb.policies import POLICIES, Tuning
 from lb.progress import running_work
 from lb.proxy import Proxy
+from lb.registry import Registry
+from lb.rollout import Switcher
 from lb.state import STATE, BalancerState
 from lb.telemetry import TelemetryGatherer
+from lb.tracing import Tracer
 from lb.upstream import UpstreamClient
 
 log = logging.getLogger("lb")
@@ -73,7 +77,9 @@ def create_app(config: BalancerConfig) -> web.Application:
         bulk_cap=config.batch_max_inflight_per_worker,
     )
     metrics = Metrics(pool, lambda: admission.depth)
-    admission.on_wait = metrics.queue_wait.observe
+    admission.on_wait = metrics.waited
+    if config.otlp_endpoint:  # only then is opentelemetry imported
+        metrics.tracer = Tracer(config.otlp_endpoint)
     app[STATE] = BalancerState(config, pool, ModelRouter(pool), admission, metrics)
     app[STATE].log_files = config.log_files()
     app.cleanup_ctx.append(_client_and_checker)
@@ -84,6 +90,7 @@ def create_app(config: BalancerConfig) -> web.Application:
     api_solve.add_routes(app)
     api_cluster.add_routes(app)
     logs.add_routes(app)
+    api_models.add_routes(app)
     api_status.add_catch_all(app)  # last: it matches every path
     return app
 
@@ -104,6 +111,10 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
         healthy_threshold=config.healthy_threshold,
     )
     state.admin = Admin(state.pool, state.health, config.admin_secret(), config.drain_timeout)
+    # 2b. the checkpoint registry (in --data-dir) and its rolling switch over the workers' /admin/load
+    state.switcher = Switcher(state.pool, state.router, state.admin, Registry(connect(config.data_dir)),
+                              state.session, config.admin_secret(), config.model_load_timeout)
+    state.router.set_redirects(state.switcher.registry.redirects())
     # 3. the proxy's upstream client: no total timeout, a stream that keeps producing may run for hours;
     #    silence is what times out
     client = UpstreamClient(connect_timeout=config.connect_timeout, read_timeout=config.request_timeout)
@@ -161,9 +172,13 @@ async def _client_and_checker(app: web.Application) -> AsyncIterator[None]:
         background.append(asyncio.create_task(autoscaler.run(), name="lb-autoscale"))
     yield
     await state.batches.stop()  # lines in flight are sent again after a restart
+    if state.switcher.task is not None:  # a switch cut short leaves each worker serving a whole model
+        state.switcher.task.cancel()
     for job in reversed(background):
         job.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await job
     client.close()
     await state.session.close()
+    if state.metrics.tracer is not None:
+        await asyncio.to_thread(state.metrics.tracer.close)  # exports the spans still buffered

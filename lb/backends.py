@@ -194,10 +194,14 @@ class BackendPool:
         backend.busy_until = 0.0
         self.changed()
 
-    def busy_for(self) -> float | None:
+    def busy_for(self, exclude: frozenset[int] = frozenset()) -> float | None:
         """Seconds until the first busy (but healthy) backend takes requests again; None when none is busy."""
         now = time.monotonic()
-        waits = [b.busy_until - now for b in self.backends if b.busy_until and b.healthy and not b.draining]
+        waits = [
+            b.busy_until - now
+            for b in self.backends
+            if b.busy_until and b.healthy and not b.draining and b.index not in exclude
+        ]
         return max(min(waits), 0.0) if waits else None
 
     def unavailable(self) -> NoHealthyBackend:

@@ -13,7 +13,7 @@ import hashlib
 from collections import OrderedDict
 from typing import Any
 
-Entry = tuple[int, list[tuple[str, str]], bytes]  # status, the worker's headers, body
+Entry = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, the worker's headers as received, body
 
 
 def cache_key(target: str, payload: dict[str, Any], body: bytes) -> bytes | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from pathlib import Path
 
@@ -38,7 +39,8 @@ class BalancerConfig:
     affinity_max_load: float = setting(
         1.25,
         "prefix_affinity / session: a key's worker is passed over for the least-loaded one once it carries "
-        "more than this x its weighted share of the requests in flight (bounded-load consistent hashing)",
+        "more than this x its weighted share of the requests in flight, and 4 more than the least-loaded "
+        "(bounded-load consistent hashing)",
     )
     affinity_prefix_chars: int = setting(
         512,
@@ -190,6 +192,9 @@ class BalancerConfig:
         "Authorization / X-API-Key are never forwarded when --api-key is set",
         metavar="KEY",
     )
+    model_load_timeout: float = setting(
+        900.0, "seconds one worker may take to load a checkpoint during POST /models/set_active"
+    )
     log_level: str = setting("info", "logging level", choices=LOG_LEVELS)
     telemetry_interval: float = setting(
         2.0,
@@ -272,6 +277,12 @@ class BalancerConfig:
         self.key_limits()
         self.admin_secret()
         self.log_files()
+        if self.otlp_endpoint is not None:
+            _check_url("otlp_endpoint", self.otlp_endpoint)
+            if importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is None:
+                raise ConfigError(
+                    "otlp_endpoint: needs opentelemetry-sdk and opentelemetry-exporter-otlp-proto-http"
+                )
 
     def worker_urls(self) -> list[str]:
         """--workers followed by the lines of --workers-file, normalised, without duplicates."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import typing
+from typing import Any
 
 MAX_BUFFER = 1 << 20  # bytes read ahead from a worker before we stop reading from its socket
 
@@ -36,6 +37,7 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.reused = False
+        self.response: Any = None  # its UpstreamResponse (lb/response.py), reused with its parser
         self._exc: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False

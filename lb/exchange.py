@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 
 from lb.errors import BalancerError, error_body, error_headers, error_response
 from lb.http11 import HOP_BY_HOP as RAW_HOP_BY_HOP
-from lb.http11 import origin_form, valid_header
+from lb.http11 import connection_named, header_block, origin_form
 
 Reply = web.StreamResponse | None  # what an aiohttp handler returns; None when the front wrote it itself
 # hop-by-hop (RFC 9110 7.6.1) or recomputed on our side of the connection
@@ -32,15 +32,16 @@ class Exchange(Protocol):
     raw_headers: Sequence[tuple[bytes, bytes]]
 
     def respond(
-        self, status: int, headers: list[tuple[str, str]], extra: list[tuple[str, str]], body: bytes
+        self, status: int, headers: list[tuple[bytes, bytes]], extra: list[tuple[str, str]], body: bytes
     ) -> Reply:
-        """The whole response: the worker's headers (hop-by-hop ones are dropped here) plus `extra`."""
+        """The whole response: the worker's headers as received (hop-by-hop ones are dropped here) plus
+        the balancer's `extra`."""
         ...
 
     async def start(
         self,
         status: int,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         extra: list[tuple[str, str]],
         more_now: bool = False,
     ) -> None:
@@ -91,14 +92,14 @@ class AiohttpExchange:
         self._out: web.StreamResponse | None = None
 
     def respond(
-        self, status: int, headers: list[tuple[str, str]], extra: list[tuple[str, str]], body: bytes
+        self, status: int, headers: list[tuple[bytes, bytes]], extra: list[tuple[str, str]], body: bytes
     ) -> Reply:
         return web.Response(status=status, body=body, headers=_merge(headers, extra))
 
     async def start(
         self,
         status: int,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         extra: list[tuple[str, str]],
         more_now: bool = False,
     ) -> None:
@@ -129,9 +130,14 @@ class AiohttpExchange:
         return self._out
 
 
-def _merge(headers: list[tuple[str, str]], extra: list[tuple[str, str]]) -> CIMultiDict[str]:
-    drop = AIOHTTP_SETS | _connection_named(headers)
-    merged = CIMultiDict((k, v) for k, v in headers if k.lower() not in drop)
+def _merge(headers: list[tuple[bytes, bytes]], extra: list[tuple[str, str]]) -> CIMultiDict[str]:
+    named = connection_named(headers)
+    drop = AIOHTTP_SETS | {name.decode("latin-1") for name in named}
+    merged = CIMultiDict(
+        (k.decode("latin-1"), v.decode("utf-8", "surrogateescape"))
+        for k, v in headers
+        if k.decode("latin-1").lower() not in drop
+    )
     merged.extend(extra)
     return merged
 
@@ -173,20 +179,13 @@ class FrontExchange:
         self.keep_alive = keep_alive
 
     def _head(
-        self, status: int, headers: list[tuple[str, str]], extra: list[tuple[str, str]], framing: bytes
+        self, status: int, headers: list[tuple[bytes, bytes]], extra: list[tuple[str, str]], framing: bytes
     ) -> list[bytes]:
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, "Unknown").encode())]
-        drop = HOP_BY_HOP | _connection_named(headers)
-        for name, value in headers:
-            if name.lower() not in drop:
-                raw_name, raw_value = (
-                    name.encode("latin-1", "replace"),
-                    value.encode("utf-8", "surrogateescape"),
-                )
-                if valid_header(raw_name, raw_value):
-                    parts.append(b"%b: %b\r\n" % (raw_name, raw_value))
-                else:  # no byte of it reaches the client's parser
-                    log.warning("dropped an invalid response header %r from a worker", name[:40])
+        named = connection_named(headers)
+        drop = RAW_HOP_BY_HOP | named if named else RAW_HOP_BY_HOP
+        # checked: no byte of an invalid header reaches the client
+        parts.append(header_block([(k, v) for k, v in headers if k.lower() not in drop]))
         for name, value in extra:
             parts.append(f"{name}: {value}\r\n".encode())
         if not self.keep_alive:
@@ -195,7 +194,7 @@ class FrontExchange:
         return parts
 
     def respond(
-        self, status: int, headers: list[tuple[str, str]], extra: list[tuple[str, str]], body: bytes
+        self, status: int, headers: list[tuple[bytes, bytes]], extra: list[tuple[str, str]], body: bytes
     ) -> Reply:
         parts = self._head(status, headers, extra, b"Content-Length: %d\r\n\r\n" % len(body))
         parts.append(body)
@@ -205,7 +204,7 @@ class FrontExchange:
     async def start(
         self,
         status: int,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         extra: list[tuple[str, str]],
         more_now: bool = False,
     ) -> None:
@@ -240,12 +239,3 @@ class FrontExchange:
     def abort(self) -> Reply:
         self._front.abort()
         return None
-
-
-def _connection_named(headers: list[tuple[str, str]]) -> frozenset[str]:
-    """Header names a `Connection` header lists: hop-by-hop too."""
-    named: set[str] = set()
-    for name, value in headers:
-        if name.lower() == "connection":
-            named.update(token.strip().lower() for token in value.split(","))
-    return frozenset(named - {"close", "keep-alive", ""})

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 import typing
 from collections.abc import Callable
@@ -35,10 +36,11 @@ from lb.errors import (
 )
 from lb.exchange import FrontExchange
 from lb.proxy import HOT_PATHS, Proxy
-from lb.request_head import RequestHead, parse_head
+from lb.request_head import RequestHead, RequestReader
 
 FRONT_PATHS = frozenset(path.encode() for path in HOT_PATHS)
 log = logging.getLogger("lb.front")
+INF = float("inf")
 LINGER_S = 2.0  # seconds a refused connection is still read (and dropped) before it is closed
 
 
@@ -86,13 +88,20 @@ class FrontProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._scanned = 0  # bytes of the buffer known to hold no head end
+        self._reader = RequestReader(self._limits.max_line)
         self._head: RequestHead | None = None  # parsed, its body still arriving
         self._head_size = 0
         self.task: asyncio.Task[None] | None = None
         self._closing = False
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
+        # one lazy timer per connection: the current deadline moves freely (an attribute), the timer is
+        # re-armed only when it would fire too late, so a busy keep-alive connection arms about one per
+        # keep-alive period instead of two per request
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline = INF
+        self._on_deadline: Callable[[], None] = self.close_if_idle
         self._waiting_for_head = False  # the header deadline runs from a head's first byte
         self._handed_over = False  # aiohttp owns it, or it was refused: the front reads no more of it
 
@@ -109,7 +118,7 @@ class FrontProtocol(asyncio.Protocol):
             self.transport.close()
             return
         self._front.connections.add(self)
-        self._arm(self._limits.keepalive_timeout, self.close_if_idle)
+        self._set_deadline(self._limits.keepalive_timeout, self.close_if_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -165,11 +174,11 @@ class FrontProtocol(asyncio.Protocol):
         if head is None:
             if not buf:
                 return
-            if not self._waiting_for_head:
-                self._waiting_for_head = True
-                self._arm(limits.header_timeout, self._head_timed_out)
             end = buf.find(b"\r\n\r\n", self._scanned)
             if end < 0:
+                if not self._waiting_for_head:  # the deadline runs from the head's first byte
+                    self._waiting_for_head = True
+                    self._set_deadline(limits.header_timeout, self._head_timed_out)
                 self._scanned = max(0, len(buf) - 3)
                 if len(buf) > limits.max_head:
                     return self._refuse(
@@ -187,14 +196,12 @@ class FrontProtocol(asyncio.Protocol):
                     RequestHeaderTooLarge(f"The request head exceeds {limits.max_head} bytes.")
                 )
             try:
-                head = parse_head(bytes(buf[:size]), limits.max_line)
+                head = self._reader.read_head(bytes(buf[:size]))
             except BalancerError as exc:
                 return self._refuse(exc)
             if (
                 head.version != "1.1"
-                or head.transfer_encoding
-                or head.expects
-                or head.upgrade
+                or head.hand_over
                 or head.target.split(b"?", 1)[0] not in self._front.paths
             ):
                 return self._hand_over()
@@ -208,14 +215,19 @@ class FrontProtocol(asyncio.Protocol):
             self._head, self._head_size = head, size
             self._waiting_for_head = False
             if len(buf) < size + head.content_length:  # the body is still arriving: its own deadline
-                self._arm(limits.body_timeout, self._body_timed_out)
+                self._set_deadline(limits.body_timeout, self._body_timed_out)
+            else:
+                self._deadline = INF
         end = self._head_size + head.content_length
         if len(buf) < end:
             return
-        body = bytes(buf[self._head_size : end]) if head.content_length else None
+        body = None
+        if head.content_length:
+            body = bytes(buf[self._head_size : end])
+            self._reader.read_body(body)  # the parser ends the message and is ready for the next head
         del buf[:end]
         self._head = None
-        self._disarm()
+        self._deadline = INF  # running: no deadline on the client's side
         exchange = FrontExchange(
             self,
             head.method,
@@ -261,7 +273,7 @@ class FrontProtocol(asyncio.Protocol):
         elif self._buffer:
             self._next_request()
         else:
-            self._arm(self._limits.keepalive_timeout, self.close_if_idle)
+            self._set_deadline(self._limits.keepalive_timeout, self.close_if_idle)
 
     def _head_timed_out(self) -> None:
         self._refuse(RequestTimeout(f"No complete request head within {self._limits.header_timeout:g}s."))
@@ -286,17 +298,33 @@ class FrontProtocol(asyncio.Protocol):
         transport.write(error_bytes(exc, close=True))
         if transport.can_write_eof():
             transport.write_eof()
-            self._arm(LINGER_S, transport.close)
+            self._disarm()
+            self._timer = self._loop.call_later(LINGER_S, transport.close)
         else:
             self._disarm()
             transport.close()
 
-    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_later(delay, callback)
+    def _set_deadline(self, delay: float, callback: Callable[[], None]) -> None:
+        """`callback` in `delay` s unless the phase changes first."""
+        at = self._loop.time() + delay
+        self._deadline, self._on_deadline = at, callback
+        if self._timer is None or self._timer_at > at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._timer_at = self._loop.call_at(at, self._expire), at
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._deadline == INF:
+            return
+        if self._loop.time() < self._deadline:  # the deadline moved on since the timer was armed
+            self._timer, self._timer_at = self._loop.call_at(self._deadline, self._expire), self._deadline
+            return
+        self._deadline = INF
+        self._on_deadline()
 
     def _disarm(self) -> None:
+        self._deadline = INF
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -341,6 +369,9 @@ class Front:
         return len(self.connections) + len(self.aiohttp)
 
     async def start(self, host: str, port: int) -> None:
+        _raise_file_limit(
+            2 * self.limits.max_connections + 256
+        )  # a client and a worker socket each, and spare
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: FrontProtocol(self), host, port, backlog=2048, reuse_address=True
@@ -360,3 +391,19 @@ class Front:
                 connection.task.cancel()
             if connection.transport is not None:
                 connection.transport.close()
+
+
+def _raise_file_limit(wanted: int) -> None:
+    """Lift the soft open-files limit towards `wanted` (up to the hard limit): with the common default of
+    1024, accept() would fail long before --max-connections refuses anyone cleanly."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        log.warning(
+            "open-files limit %d is below the %d that --max-connections %d needs",
+            target,
+            wanted,
+            (wanted - 256) // 2,
+        )

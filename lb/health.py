@@ -128,7 +128,8 @@ class HealthChecker:
     async def probe_body(self, url: str) -> tuple[frozenset[str], Any]:
         """`probe`, with the /health body too (discovery tells a worker from a balancer by it)."""
         body = await self._get_json(url + "/health")
-        size = body.get("batch_size") if isinstance(body, dict) else None
+        # the worker's current cap (lowered after running out of memory), else its configured batch size
+        size = (body.get("batch_cap") or body.get("batch_size")) if isinstance(body, dict) else None
         self.batch_sizes[url] = size if isinstance(size, int) and size > 0 else None
         models = _models_from_health(body)
         if not models:

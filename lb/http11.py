@@ -25,8 +25,10 @@ HOP_BY_HOP = frozenset(
         b"content-length",
     }
 )
+NONE: frozenset[bytes] = frozenset()
 REQUEST_DROP = HOP_BY_HOP | {b"host"}  # the upstream client writes the worker's Host
 CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
+REQUEST_DROP_CREDENTIALS = REQUEST_DROP | CREDENTIALS
 # a header name is an RFC 9110 token; a value holds no control byte but TAB (obs-text is allowed)
 BAD_NAME = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
 BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -37,14 +39,30 @@ def valid_header(name: bytes, value: bytes) -> bool:
     return bool(name) and BAD_NAME.search(name) is None and BAD_VALUE.search(value) is None
 
 
+def header_block(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """`Name: value\\r\\n` lines for a head. What goes in was parsed by llhttp (or made by the balancer), so
+    it is checked here only for what would let one header add a line: one CR, one LF per line and no NUL
+    (three C-speed counts); anything else falls back to checking each header, dropping invalid ones."""
+    parts: list[bytes] = []
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    block = b"".join(parts)
+    lines = len(headers)
+    if block.count(b"\n") != lines or block.count(b"\r") != lines or b"\x00" in block:
+        block = b"".join([b"%b: %b\r\n" % (k, v) for k, v in headers if valid_header(k, v)])
+    return block
+
+
 def connection_named(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
     """Header names listed in `Connection` (besides close / keep-alive): hop-by-hop too (RFC 9110 7.6.1)."""
-    named: set[bytes] = set()
+    named: set[bytes] | None = None
     for name, value in headers:
-        if name.lower() == b"connection":
+        if len(name) == 10 and name.lower() == b"connection":  # the length first: no lower() for most
+            named = named or set()
             named.update(t.strip().lower() for t in value.split(b","))
-    named -= {b"close", b"keep-alive", b""}
-    return frozenset(named)
+    if not named:
+        return NONE
+    return frozenset(named - {b"close", b"keep-alive", b""})
 
 
 def origin_form(target: bytes) -> bytes | None:
@@ -72,11 +90,11 @@ def worker_headers(
 ) -> list[tuple[bytes, bytes]]:
     """The client's headers as a worker receives them: hop-by-hop ones (and those `Connection` names)
     dropped, the client's credentials dropped when the balancer checked them itself, then `add` (the
-    balancer's own headers, e.g. the worker key). Anything that is not a valid header is dropped too, so no
-    byte of it can reach a worker's parser."""
-    drop = REQUEST_DROP | CREDENTIALS if drop_credentials else REQUEST_DROP
-    if any(name.lower() == b"connection" for name, _ in raw_headers):
-        drop = drop | connection_named(raw_headers)
-    out = [(k, v) for k, v in raw_headers if k.lower() not in drop and valid_header(k, v)]
+    balancer's own headers, e.g. the worker key). The upstream client writes them through `header_block`,
+    which checks every one."""
+    drop = REQUEST_DROP_CREDENTIALS if drop_credentials else REQUEST_DROP
+    out = [(k, v) for k, v in raw_headers if k.lower() not in drop]
+    if named := connection_named(raw_headers):
+        out = [(k, v) for k, v in out if k.lower() not in named]
     out.extend(add)
     return out

@@ -7,7 +7,7 @@ health and queue depth live as plain ints on Backend/Admission and a collector t
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -16,6 +16,7 @@ from prometheus_client.utils import floatToGoString
 
 from lb.backends import Backend, BackendPool
 from lb.latency import RecentRequests
+from lb.tracing import CURRENT, RequestTrace, Tracer
 
 # seconds, for latency, time to first byte and queue wait
 LATENCY_BUCKETS = (5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120, 300)
@@ -71,18 +72,36 @@ class Metrics:
         self.cache_misses = 0
         self.scale_decisions: dict[tuple[str, str], int] = {}  # (direction, outcome) -> hook calls
         self.recent = RecentRequests()  # the dashboard's recent rates and percentiles
+        self.tracer: Tracer | None = None  # set with --otlp-endpoint: a span per request
         self.registry.register(_PoolCollector(pool, queue_depth, self))
 
     def observe(self, backend: Backend, status: int, ttfb: float, total: float) -> None:
         self.ttfb.observe(ttfb)
         self.latency.observe(total)
         self.recent.record(backend.index, ttfb, total, status)
+        if self.tracer is not None:
+            self.tracer.finish(backend.index, backend.url, status, ttfb)
+
+    def begin_trace(self, raw_headers: Sequence[tuple[bytes, bytes]], request_id: bytes, target: str) -> None:
+        """A proxied request starts: open its trace record (only when spans are exported)."""
+        if self.tracer is not None:
+            self.tracer.begin(raw_headers, request_id, target)
+
+    def waited(self, seconds: float) -> None:
+        """A request left the admission queue after `seconds`."""
+        self.queue_wait.observe(seconds)
+        if self.tracer is not None:
+            trace: RequestTrace | None = CURRENT.get()
+            if trace is not None:
+                trace.queue_wait_s += seconds
 
     def rejected(self, status: int) -> None:
         self.rejections[status] = self.rejections.get(status, 0) + 1
 
     def retried(self, backend: Backend) -> None:
         self.retries[backend.index] = self.retries.get(backend.index, 0) + 1
+        if self.tracer is not None and (trace := CURRENT.get()) is not None:
+            trace.retries += 1
 
     def busy(self, backend: Backend) -> None:
         self.busy_answers[backend.index] = self.busy_answers.get(backend.index, 0) + 1

@@ -3,7 +3,8 @@
 Matching is exact first, then normalised the way the seed's multi-server router did: case-insensitive, without
 an `org/` prefix and without an `-it` / `-instruct` suffix, so `Qwen/Qwen2.5-0.5B-Instruct` reaches a worker
 serving `qwen2.5-0.5b` (the body's `model` is then rewritten to the worker's own name). When every backend
-serves the same models, routing ignores the body entirely.
+serves the same models, routing ignores the body entirely. A name that a rolling switch retired from every
+worker follows its replacement (`redirects`, kept by the checkpoint registry), and is then rewritten to it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ def served_name(backend: Backend, model: str) -> str:
     if model in backend.models or not backend.models:
         return model
     wanted = normalise(model)
-    return next((m for m in sorted(backend.models) if normalise(m) == wanted), model)
+    # no normalised match: the backend was chosen through a redirect, so its one model is the replacement
+    sole = next(iter(backend.models)) if len(backend.models) == 1 else model
+    return next((m for m in sorted(backend.models) if normalise(m) == wanted), sole)
 
 
 def rewrite_model(body: bytes, name: str) -> bytes:
@@ -48,15 +51,21 @@ class ModelRouter:
         self._pool = pool
         self.needs_model = False
         self._cache: dict[str, list[Backend]] = {}  # model name as sent -> routable backends serving it
+        self.redirects: dict[str, str] = {}  # retired model name -> the checkpoint that replaced it
         pool.on_change(self.refresh)
         self.refresh()
 
     def refresh(self) -> None:
         """Health, models or membership changed: per-model candidate lists are rebuilt lazily."""
         model_sets = {b.models for b in self._pool.backends if not b.removed}
-        # one distinct model set (or none known) means any backend will do: forward the body unread
-        self.needs_model = len(model_sets) > 1
+        # one distinct model set (or none known) means any backend will do: forward the body unread, unless
+        # a retired name must be rewritten to its replacement
+        self.needs_model = len(model_sets) > 1 or bool(self.redirects)
         self._cache.clear()
+
+    def set_redirects(self, redirects: dict[str, str]) -> None:
+        self.redirects = dict(redirects)
+        self.refresh()
 
     def candidates(self, model: str | None, backends: Sequence[Backend]) -> Sequence[Backend]:
         """The routable backends serving `model`; all of them when `model` is absent or routing is moot.
@@ -70,16 +79,31 @@ class ModelRouter:
         if cached is not None:
             return cached
         everyone = [b for b in self._pool.backends if not b.removed]
-        serving = [b for b in everyone if model in b.models]
-        if not serving:
-            wanted = normalise(model)
-            serving = [b for b in everyone if any(normalise(m) == wanted for m in b.models)]
-        if not serving:
+        serving = _serving(model, everyone)
+        known = bool(serving)
+        result = [b for b in backends if b in serving]
+        name, seen = model, {model}
+        # nobody routable serves it: follow what replaced it (a switch in progress, or one that retired it)
+        while not result and self.redirects.get(name) not in (None, *seen):
+            name = self.redirects[name]
+            seen.add(name)
+            serving = _serving(name, everyone)
+            known = known or bool(serving)
+            result = [b for b in backends if b in serving]
+        if not known:
             available = sorted({m for b in everyone for m in b.models})
             raise ModelNotFound(
                 f"The model '{model}' does not exist on this balancer. Available models: "
                 + (", ".join(available) or "(none)")
             )
-        result = [b for b in backends if b in serving]
         self._cache[model] = result
         return result
+
+
+def _serving(model: str, backends: Sequence[Backend]) -> list[Backend]:
+    """The backends serving `model` by exact name, else by normalised name."""
+    serving = [b for b in backends if model in b.models]
+    if not serving:
+        wanted = normalise(model)
+        serving = [b for b in backends if any(normalise(m) == wanted for m in b.models)]
+    return serving

@@ -192,13 +192,14 @@ class Proxy:
         def current() -> Sequence[Backend]:
             return router.candidates(model, pool.routable)
 
-        if not candidates:
-            current = _empty  # known model, nobody healthy serving it: 503 from admission
+        if not candidates and pool.busy_for() is None:
+            current = _empty  # known model, nobody healthy serving it: 503 from admission (unless resting)
         tried: frozenset[int] = frozenset()
         retries = 0
         headers = self.worker_headers(exchange)
         bulk = is_bulk(exchange.raw_headers)  # the client stepped aside: it waits behind interactive traffic
         rid = request_id(exchange.raw_headers)  # one id for every attempt, the client's when it sent one
+        self._metrics.begin_trace(exchange.raw_headers, rid[0], exchange.target)
         if not rid[1]:
             headers.append((b"X-Request-ID", rid[0]))
         while True:
@@ -379,9 +380,9 @@ def _empty() -> Sequence[Backend]:
     return ()
 
 
-def retry_after(headers: list[tuple[str, str]]) -> float | None:
+def retry_after(headers: list[tuple[bytes, bytes]]) -> float | None:
     """Seconds from Retry-After (delta-seconds or an HTTP date), capped at MAX_BUSY; None if absent."""
-    value = next((v for k, v in headers if k.lower() == "retry-after"), None)
+    value = next((v.decode("latin-1") for k, v in headers if k.lower() == b"retry-after"), None)
     if value is None:
         return None
     try:

@@ -34,7 +34,6 @@ class UpstreamResponse:
         "_clean",
         "_close_delimited",
         "_conn",
-        "_head_bytes",
         "_head_done",
         "_head_fed",
         "_head_only",
@@ -55,17 +54,22 @@ class UpstreamResponse:
         self._reuse = reuse  # takes the connection back into its pool once the body was read to its end
         self._conn = conn
         self._timeout = timeout
+        # one parser per connection (llhttp starts over after each complete response): making one binds
+        # every callback, which costs more than parsing a small response
         self._parser = httptools.HttpResponseParser(self)
+        self.reset()
+
+    def reset(self) -> None:
+        """Ready for the next response on the same keep-alive connection (only after a clean `release`)."""
         self._pieces: list[bytes] = []  # body bytes parsed and not yet taken
         self._head_done = False
-        self._head_bytes = 0  # header bytes parsed
         self._head_fed = 0  # bytes fed before the head was complete (a head may trickle in)
         self._head_only = False
         self._interim = False  # inside a 1xx response, whose real one follows
         self._close_delimited = False
         self._clean = True  # nothing after the response's end, no parser error
         self.status = 0
-        self.headers: list[tuple[str, str]] = []
+        self.headers: list[tuple[bytes, bytes]] = []  # as received: the front writes them back undecoded
         self.content_length: int | None = None
         self.content_type = ""
         self.keep_alive = True
@@ -77,28 +81,28 @@ class UpstreamResponse:
             raise _Overrun
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4  # a whole head may arrive in one read
-        if self._head_bytes > MAX_HEAD:
-            raise UpstreamError(f"the worker's response head exceeds {MAX_HEAD} bytes", started=True)
-        if self._interim:
-            return
-        lower = name.lower()
-        if lower == b"content-length":
-            self.content_length = int(value)  # llhttp accepted it: one value, decimal digits, no overflow
-        elif lower == b"content-type":
-            self.content_type = value.decode("latin-1")
-        self.headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        headers = self.headers
+        if self._head_fed > MAX_HEAD and sum(len(k) + len(v) + 4 for k, v in headers) > MAX_HEAD:
+            raise UpstreamError(f"the worker's response head exceeds {MAX_HEAD} bytes", started=True)
         status = self._parser.get_status_code()
         if 100 <= status < 200:
             self._interim = True  # 100 Continue and friends: the real head follows
-            self.headers.clear()
-            self.content_length = None
-            self.content_type = ""
+            headers.clear()
             return
         if not 200 <= status <= 599:
             raise UpstreamError(f"the worker answered an invalid status {status}", started=True)
+        chunked = False
+        for name, value in headers:  # the names' lengths first: lower() only for likely candidates
+            size = len(name)
+            if size == 14 and name.lower() == b"content-length":
+                self.content_length = int(value)  # llhttp accepted it: one value, decimal digits, no overflow
+            elif size == 12 and name.lower() == b"content-type":
+                self.content_type = value.decode("latin-1")
+            elif size == 17 and name.lower() == b"transfer-encoding":
+                chunked = True
         self.status = status
         self.keep_alive = self._parser.should_keep_alive()
         self._head_done = True
@@ -107,7 +111,7 @@ class UpstreamResponse:
             self.done = True
             if self._head_only:
                 raise _HeadOnly  # llhttp would wait for the Content-Length it announced
-        elif self.content_length is None and not _chunked(self.headers):
+        elif self.content_length is None and not chunked:
             self._close_delimited = True
             self.keep_alive = False
 
@@ -204,7 +208,3 @@ class UpstreamResponse:
             self._reuse(conn)
         else:
             conn.close()
-
-
-def _chunked(headers: list[tuple[str, str]]) -> bool:
-    return any(name.lower() == "transfer-encoding" for name, _ in headers)

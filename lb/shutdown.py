@@ -53,6 +53,8 @@ async def drain(
     # 1. turn work away: /health says 503, new and queued requests get 503, the port stays open for probes
     state.draining = True
     state.proxy.draining = True
+    if hasattr(state, "batches"):  # set at start-up; a signal may come before it
+        state.batches.pause()  # no new batch lines; those on a worker finish (and are kept) like any request
     refused = state.admission.fail_all(
         ShuttingDown("The balancer is shutting down; this queued request was not sent.")
     )

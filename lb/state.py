@@ -18,6 +18,7 @@ from lb.jobs.job_runner import JobRunner
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter
 from lb.proxy import Proxy
+from lb.rollout import Switcher
 from lb.telemetry import TelemetryGatherer
 
 
@@ -45,6 +46,7 @@ class BalancerState:
     batches: BatchService = field(init=False)  # files, batches and the internal API for jobs (lb/jobs/)
     jobs: JobRunner = field(init=False)  # eval and data-generation jobs (lb/jobs/api_jobs.py)
     telemetry: TelemetryGatherer = field(init=False)
+    switcher: Switcher = field(init=False)  # checkpoint registry and rolling model switch (lb/rollout.py)
 
 
 STATE = web.AppKey("balancer_state", BalancerState)

@@ -10,6 +10,7 @@ dashboard charts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -96,8 +97,8 @@ class WorkerTelemetry:
     gpu: Any = None  # the worker's /gpu answer
     system: Any = None  # the worker's /system answer
     recent: WindowStats | None = None
-    _last: tuple[float, dict[str, float]] | None = None  # (monotonic time, raw figures) of the last read
-    _skip_until: dict[str, float] = field(default_factory=dict)  # path -> monotonic time to ask again
+    last_read: tuple[float, dict[str, float]] | None = None  # (monotonic time, raw figures) of the last read
+    skip_until: dict[str, float] = field(default_factory=dict)  # path -> monotonic time to ask again
 
     def update(self, figures: dict[str, float], now: float) -> None:
         """Store one /metrics read; rates are differences with the previous read (a counter reset: none)."""
@@ -108,8 +109,8 @@ class WorkerTelemetry:
         self.kv_cache_usage = figures.get("kv_cache_usage")
         self.generated_tokens = figures.get("generated_tokens")
         self.tokens_per_s = self.ttft_ms = None
-        if self._last is not None:
-            then, before = self._last
+        if self.last_read is not None:
+            then, before = self.last_read
             elapsed = now - then
             tokens = _delta(figures, before, "generated_tokens")
             if tokens is not None and elapsed > 0:
@@ -118,7 +119,7 @@ class WorkerTelemetry:
             total = _delta(figures, before, "ttft_sum")
             if count and total is not None:
                 self.ttft_ms = round(total / count * 1000, 2)
-        self._last = (now, figures)
+        self.last_read = (now, figures)
 
 
 def _delta(now: dict[str, float], before: dict[str, float], key: str) -> float | None:
@@ -159,6 +160,7 @@ class TelemetryGatherer:
         self.workers: dict[int, WorkerTelemetry] = {}
         self.history: deque[HistoryPoint] = deque(maxlen=max(1, math.ceil(HISTORY_SECONDS / interval)))
         self.overall: WindowStats | None = None  # the last RECENT_SECONDS, every backend
+        self.history_json = self._history_json()  # /cluster's "history", serialised once per round
         self._work = work
         self.work: list[dict[str, Any]] = []  # running batches and jobs (lb/progress.py)
 
@@ -195,12 +197,12 @@ class TelemetryGatherer:
             return  # a worker that cannot answer /metrics will not answer the others either
         telemetry.update(engine_figures(parse_metrics(text)), now)
         for path in ("gpu", "system"):
-            if telemetry._skip_until.get(path, 0.0) > now:
+            if telemetry.skip_until.get(path, 0.0) > now:
                 continue
             try:
                 setattr(telemetry, path, json.loads(await self._get(f"{backend.url}/{path}")))
             except _NotOffered:
-                telemetry._skip_until[path] = now + UNSUPPORTED_RETRY_S
+                telemetry.skip_until[path] = now + UNSUPPORTED_RETRY_S
             except (_FetchFailed, ValueError):
                 pass  # keep the last answer; the next round asks again
 
@@ -217,6 +219,11 @@ class TelemetryGatherer:
         except aiohttp.ClientError as exc:
             raise _FetchFailed(f"GET {url} failed: {exc.__class__.__name__}") from None
 
+    def _history_json(self) -> str:
+        """The history as one JSON object of columns: {"t": [...], "requests_per_s": [...], ...}."""
+        names = [f.name for f in dataclasses.fields(HistoryPoint)]
+        return json.dumps({name: [getattr(point, name) for point in self.history] for name in names})
+
     def _append_history(self, backends: list[Backend]) -> None:
         last, _ = self._recent.window(self.interval)
         tokens = sum(t.tokens_per_s or 0.0 for t in self.workers.values())
@@ -232,6 +239,7 @@ class TelemetryGatherer:
                 in_flight=sum(b.in_flight for b in backends),
             )
         )
+        self.history_json = self._history_json()
 
 
 class _FetchFailed(Exception):

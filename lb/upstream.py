@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 
 from lb.connection import Connection, UpstreamError, UpstreamTimeout
+from lb.http11 import header_block
 from lb.response import UpstreamResponse
 
 IDLE_TTL = 30.0  # seconds an idle keep-alive connection is reused; workers (aiohttp) close theirs after 75 s
@@ -49,7 +50,12 @@ class UpstreamClient:
             conn = self._take_idle(key) if attempt == 0 else None
             if conn is None:
                 conn = await self._connect(host, port, tls)
-            response = UpstreamResponse(conn, self.read_timeout, functools.partial(self.put_back, key))
+            response: UpstreamResponse | None = conn.response
+            if response is None:
+                response = UpstreamResponse(conn, self.read_timeout, functools.partial(self.put_back, key))
+                conn.response = response
+            else:
+                response.reset()
             try:
                 if body is None or isinstance(body, bytes):
                     conn.write(head + body if body else head)
@@ -136,10 +142,10 @@ def _request_head(
     headers: list[tuple[bytes, bytes]],
     body: bytes | AsyncIterator[bytes] | None,
 ) -> bytes:
-    """The request line and headers as one bytes object; header names and values pass through undecoded."""
+    """The request line and headers as one bytes object; header names and values pass through undecoded,
+    checked by `header_block`."""
     parts = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("utf-8", "surrogateescape")]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
+    parts.append(header_block(headers))
     if body is None:
         if method in ("POST", "PUT", "PATCH"):
             parts.append(b"Content-Length: 0\r\n")

@@ -94,6 +94,14 @@ def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
     return None
 
 
+def _peek(body: bytes) -> dict[str, Any] | None:
+    """The parsed body, or None when it is no JSON object: routing only peeks, the worker judges the body."""
+    try:
+        return parse_payload(body)
+    except BadRequest:
+        return None
+
+
 class WorkReader:
     """Builds a request's Work from what its readers asked for: `prefix`, `session`, `tokens`, `payload`."""
 
@@ -111,13 +119,13 @@ class WorkReader:
         if "session" in needs:
             key = header(headers, self._session_header)
             if key is None and body:
-                payload = payload if payload is not None else parse_payload(body)
-                user = payload.get("user")
+                payload = payload if payload is not None else _peek(body)
+                user = payload.get("user") if payload is not None else None
                 key = user if isinstance(user, str) and user else None
         if not body:
             return Work(key=key)
         if payload is None and needs & {"prefix", "tokens", "payload"}:
-            payload = parse_payload(body)
+            payload = _peek(body)
         if payload is None:
             return Work(key=key)
         if "prefix" in needs:

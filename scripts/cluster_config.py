@@ -90,6 +90,17 @@ class ClusterConfig:
     batch_size: int | None = s(None, "our worker's maximum batch (default: the worker's own, 8)", metavar="N")
     max_wait_time: float | None = s(None, "our worker's batch gathering window in seconds (worker default "
                                           "0.05)", metavar="S")
+    gguf_file: str | None = s(None, "our worker: load this GGUF file inside --model-path", metavar="FILE")
+    trust_remote_code: bool = s(False, "run the model code a model directory ships (our worker, vLLM, "
+                                       "SGLang)")
+    attn_implementation: str | None = s(None, "our worker's attention kernel: auto, sdpa, eager or "
+                                              "flash_attention_2 (CUDA)", metavar="NAME")
+    quantization: str | None = s(None, "our worker: none, 8bit or 4bit (bitsandbytes, CUDA only)",
+                                 metavar="MODE")
+    dcp_path: str | None = s(None, "our worker: a torch.distributed.checkpoint directory loaded into "
+                                   "--base-model's architecture", metavar="DIR")
+    base_model: str | None = s(None, "with --dcp-path: the model directory giving architecture and tokenizer",
+                               metavar="DIR")
     host: str = s("127.0.0.1", "address the balancer binds (0.0.0.0 to serve other machines)")
     port: int = s(8000, "balancer port; if taken, the next free one is used and reported")
     worker_host: str = s("127.0.0.1", "address workers bind; also the host in worker URLs (a wildcard "
@@ -156,7 +167,8 @@ class ClusterConfig:
         for port in self.skip_port_numbers:
             if not 1 <= port <= 65535:
                 raise ConfigError(f"skip_ports: not a TCP port: {port}")
-        if self.model_path is None and self.engine != "fake" and self.worker_cmd is None:
+        dcp_only = self.engine == "hf" and self.dcp_path is not None  # its --base-model names the model
+        if self.model_path is None and self.engine != "fake" and self.worker_cmd is None and not dcp_only:
             raise ConfigError("model_path: required (e.g. --model-path DIR)")
         if self.api_key is not None and self.api_key_file is not None:
             raise ConfigError("api_key_file: give either api_key or api_key_file, not both")

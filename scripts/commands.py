@@ -11,8 +11,9 @@ import socket
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from lb.settings import ConfigError
+from lb.settings import ConfigError, flag_name
 from scripts.cluster_config import ClusterConfig
 from scripts.profilers import Profile
 
@@ -77,17 +78,40 @@ def our_worker_command(cfg: ClusterConfig, spec: WorkerSpec) -> list[str]:
         argv += ["--batch-size", str(cfg.batch_size)]
     if cfg.max_wait_time is not None:
         argv += ["--max-wait-time", str(cfg.max_wait_time)]
-    return argv + cfg.engine_arg_list
+    return argv + loading_flags(cfg) + cfg.engine_arg_list
+
+
+# our worker's model-loading settings, passed through when set (ClusterConfig and SlurmJobConfig declare them)
+LOADING_SETTINGS = ("gguf_file", "attn_implementation", "quantization", "dcp_path", "base_model")
+
+
+def loading_flags(cfg: Any) -> list[str]:
+    """Our worker's model-loading flags from a launcher or SLURM config; unset ones keep its defaults."""
+    argv = ["--trust-remote-code"] if cfg.trust_remote_code else []
+    for name in LOADING_SETTINGS:
+        if getattr(cfg, name) is not None:
+            argv += [flag_name(name), str(getattr(cfg, name))]
+    return argv
+
+
+def external_loading_flags(cfg: ClusterConfig) -> list[str]:
+    """vLLM and SGLang take --trust-remote-code; our worker's other loading options mean nothing to them."""
+    unsupported = [flag_name(n) for n in LOADING_SETTINGS if getattr(cfg, n) is not None]
+    if unsupported:
+        raise ConfigError(f"{unsupported[0][2:].replace('-', '_')}: only our worker (--engine hf) loads "
+                          f"{', '.join(unsupported)}; pass {cfg.engine}'s own flags after --")
+    return ["--trust-remote-code"] if cfg.trust_remote_code else []
 
 
 def vllm_command(cfg: ClusterConfig, spec: WorkerSpec) -> list[str]:
     return vllm_argv(cfg.vllm_python or sys.executable, _required_model(cfg), spec.host, spec.port,
-                     cfg.served_model_name, cfg.engine_arg_list, spec.gpu_count)
+                     cfg.served_model_name, external_loading_flags(cfg) + cfg.engine_arg_list, spec.gpu_count)
 
 
 def sglang_command(cfg: ClusterConfig, spec: WorkerSpec) -> list[str]:
+    extra = external_loading_flags(cfg) + cfg.engine_arg_list
     return sglang_argv(cfg.sglang_python or sys.executable, _required_model(cfg), spec.host, spec.port,
-                       cfg.served_model_name, cfg.engine_arg_list, spec.gpu_count)
+                       cfg.served_model_name, extra, spec.gpu_count)
 
 
 def vllm_argv(python: str, model: str, host: str, port: int, served_model_name: str | None,
@@ -141,20 +165,25 @@ def worker_env(cfg: ClusterConfig, spec: WorkerSpec, base: Mapping[str, str] | N
     env = dict(os.environ if base is None else base)
     env.update(cfg.env_vars or {})
     env["CUDA_VISIBLE_DEVICES"] = spec.gpus
+    if cfg.admin_token and cfg.worker_cmd is None and cfg.engine not in ("vllm", "sglang"):
+        env["IB_WORKER_ADMIN_TOKEN"] = cfg.admin_token  # what the rolling switch sends to /admin/load
     engine = cfg.engine if cfg.worker_cmd is None else None
     env.update(profile_of(cfg).environment(engine, f"worker-{spec.index}"))
     return env
 
 
 def balancer_command(cfg: ClusterConfig, port: int, worker_urls: list[str],
-                     secret_flags: Sequence[str] = ()) -> list[str]:
+                     secret_flags: Sequence[str] = (), log_files: Sequence[tuple[str, str]] = ()) -> list[str]:
     """`python -m lb` in front of `worker_urls`; it drains within most of the launcher's stop timeout.
     `secret_flags` name the files holding the admin token and API key (scripts/credentials.py): `ps` shows
-    every command line to every user, so a secret itself never goes on one."""
+    every command line to every user, so a secret itself never goes on one. `log_files` are (name, path) pairs
+    the balancer serves at GET /logs/NAME (and the dashboard links)."""
     argv = [sys.executable, "-m", "lb", "--host", cfg.host, "--port", str(port),
             "--workers", ",".join(worker_urls),
             "--health-check-interval", str(cfg.health_check_interval),
             "--drain-timeout", str(round(cfg.stop_timeout * 0.8, 3)), *secret_flags]
+    for name, path in log_files:
+        argv += ["--log-file", f"{name}={path}"]
     if cfg.policy is not None:
         argv += ["--policy", cfg.policy]
     return argv + shlex.split(cfg.lb_args)

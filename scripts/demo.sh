@@ -19,5 +19,5 @@ gpu_args=()
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
     gpu_args=(--cpu-workers 2)
 fi
-echo "[demo] serving $model"
+echo "[demo] serving $model (the READY banner below gives the SDK example and the dashboard URL)"
 exec bash scripts/start_multi_gpu_server.sh --model-path "$model" "${gpu_args[@]}" "$@"

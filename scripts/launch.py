@@ -73,6 +73,7 @@ def ready_banner(cluster: LocalCluster) -> str:
             f"api_key={api_key})",
             f'  print(client.chat.completions.create(model="{model}", messages=[{{"role": "user", '
             f'"content": "Hello"}}]).choices[0].message.content)',
+            f"Dashboard (workers, GPUs, live charts, playground): {cluster.url}/dashboard",
         ]
     run_dir = cluster.run_file.parent
     lines.append(f"status: scripts/status.sh --run-dir {run_dir}   stop: Ctrl-C or scripts/stop.sh --run-dir "

@@ -32,6 +32,17 @@ class SlurmJobConfig:
     engine: str = setting("hf", "what each worker runs (see python -m scripts.launch --help)",
                           choices=ENGINES)
     engine_args: str = setting("", "extra worker arguments, shell-quoted", metavar="ARGS")
+    gguf_file: str | None = setting(None, "our worker: load this GGUF file inside --model-path",
+                                    metavar="FILE")
+    trust_remote_code: bool = setting(False, "run the model code a model directory ships")
+    attn_implementation: str | None = setting(None, "our worker's attention kernel: auto, sdpa, eager or "
+                                                    "flash_attention_2", metavar="NAME")
+    quantization: str | None = setting(None, "our worker: none, 8bit or 4bit (bitsandbytes)", metavar="MODE")
+    dcp_path: str | None = setting(None, "our worker: a torch.distributed.checkpoint directory loaded into "
+                                         "--base-model's architecture (readable on every node)",
+                                   metavar="DIR")
+    base_model: str | None = setting(None, "with --dcp-path: the model directory giving architecture and "
+                                           "tokenizer", metavar="DIR")
     batch_size: int = setting(16, "each worker's maximum batch", metavar="N")
     max_wait_time: float = setting(0.05, "each worker's batch gathering window", metavar="SECONDS")
     port: int = setting(9000, "balancer port on the first node")
@@ -95,7 +106,7 @@ class SlurmJobConfig:
             raise ConfigError(f"engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy: {self.policy!r} is not one of {', '.join(POLICIES)}")
-        if self.engine != "fake" and not self.model_path:
+        if self.engine != "fake" and not self.model_path and not (self.engine == "hf" and self.dcp_path):
             raise ConfigError("model_path: required (e.g. --model-path DIR), unless --engine fake")
         for name in ("port", "worker_base_port", "local_port"):
             if not 1 <= getattr(self, name) <= 65535:

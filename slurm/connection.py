@@ -62,6 +62,7 @@ def instructions(record: dict[str, Any]) -> str:
         "  from openai import OpenAI",
         f'  client = OpenAI(base_url="{local}", api_key="unused")',
         f'  print(client.completions.create(model="{model}", prompt="Hello", max_tokens=16).choices[0].text)',
+        f"Dashboard (through the same tunnel): http://localhost:{record['local_port']}/dashboard",
         f"Stop it with: scancel {record['job_id']}",
     ]
     return "\n".join(lines)
@@ -115,6 +116,7 @@ def wait_ready(args: argparse.Namespace) -> int:
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     record["tunnel"] = tunnel_command(record)
+    record["dashboard"] = f"http://localhost:{args.local_port}/dashboard"  # once the tunnel is open
     path = write_connection(job_dir, record)
     print(instructions(record), flush=True)
     print(f"(connection file: {path})", flush=True)

@@ -15,12 +15,21 @@ import time
 from pathlib import Path
 
 from lb.settings import ConfigError
+from scripts.commands import loading_flags
 from slurm.config import CONVENTION_ENV, NODE_PORT_STRIDE, SlurmJobConfig, load
 from slurm.connection import instructions, read_connection
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 JOB_TEMPLATE = REPO_ROOT / "slurm" / "multi_gpu_job.sbatch"
 POLL_INTERVAL_S = 1.0
+
+
+def absolute_paths(cfg: SlurmJobConfig) -> SlurmJobConfig:
+    """The config with its checkpoint directories absolute, as node tasks in other directories need them."""
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).expanduser().resolve()) if path is not None else None
+
+    return dataclasses.replace(cfg, dcp_path=absolute(cfg.dcp_path), base_model=absolute(cfg.base_model))
 
 
 def sbatch_command(cfg: SlurmJobConfig) -> list[str]:
@@ -58,7 +67,8 @@ def job_environment(cfg: SlurmJobConfig) -> dict[str, str]:
         "IB_JOB_CONTAINER_MOUNTS": cfg.container_mounts or "",
         "IB_JOB_MODEL_PATH": str(Path(cfg.model_path).expanduser().resolve()) if cfg.model_path else "",
         "IB_JOB_ENGINE": cfg.engine,
-        "IB_JOB_ENGINE_ARGS": cfg.engine_args,
+        "IB_JOB_ENGINE_ARGS": " ".join(filter(None, [shlex.join(loading_flags(absolute_paths(cfg))),
+                                                     cfg.engine_args])),
         "IB_JOB_BATCH_SIZE": str(cfg.batch_size),
         "IB_JOB_MAX_WAIT_TIME": str(cfg.max_wait_time),
         "IB_JOB_CPU_WORKERS": str(cfg.cpu_workers),

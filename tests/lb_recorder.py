@@ -2,8 +2,9 @@
 
 It parses leniently on purpose (bare LF ends a line, the last Content-Length wins, as the laxest servers
 do), so a request smuggled past the balancer would show up here as a request of its own. Connections whose
-first request is a health probe are the balancer's probe session: they are kept apart from `received`.
-A request carrying `X-Script: NAME` is answered with the scripted, possibly broken, bytes of SCRIPTS.
+first request is a health probe or a telemetry read are the balancer's own sessions: they are kept apart
+from `received`. A request carrying `X-Script: NAME` is answered with the scripted, possibly broken, bytes
+of SCRIPTS.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ OK_BODY = json.dumps(
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
     }
 ).encode()
+# what the balancer's own sessions ask a worker (health probe, telemetry): never a client's request
+PROBES = tuple(
+    b"GET %b " % path
+    for path in (b"/health", b"/v1/models", b"/metrics", b"/system", b"/gpu", b"/version", b"/info")
+)
 SSE_EVENT = b'data: {"choices": [{"index": 0, "delta": {"content": "t"}}]}\n\n'
 
 
@@ -64,6 +70,14 @@ SCRIPTS: dict[str, tuple[bytes, bytes | None, bool]] = {
     "status-letters": (b"HTTP/1.1 abc OK\r\nContent-Length: 2\r\n\r\n{}", None, False),
     "close-mid-body": (b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"partial": ', None, True),
     "bytes-after-response": (_ok() + b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED", None, False),
+    # valid, with hop-by-hop headers the client must not see
+    "hop-by-hop": (
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n"
+        b"Proxy-Connection: keep-alive\r\nTrailer: X-T\r\nX-Kept: 1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (len(OK_BODY), OK_BODY),
+        None,
+        False,
+    ),
     # after the first byte reached the client
     "sse-bad-chunk-later": (SSE_HEAD + _chunk(SSE_EVENT), b"zz\r\nnope\r\n", False),
     "sse-close-later": (SSE_HEAD + _chunk(SSE_EVENT), b"", True),
@@ -89,7 +103,7 @@ class RecordedConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.probe is None:
-            self.probe = data.startswith((b"GET /health ", b"GET /v1/models "))
+            self.probe = data.startswith(PROBES)
         if not self.probe:
             self.received += data
         self.buffer += data

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import openai
 import pytest
 
+from lb.jobs import __main__ as jobs_cli
 from tests.batch_support import Cluster, jsonl, line, records, submit, upload, wait_batch
 from tests.processes import python_module, test_env
 
@@ -178,7 +179,9 @@ def test_batches_list_pages_with_after_and_limit(client: openai.OpenAI) -> None:
     assert following.data[0].id == made[0]
 
 
-def test_jobs_cli_submits_follows_and_downloads(cluster: Cluster, tmp_path: Path) -> None:
+def test_jobs_cli_submits_follows_and_downloads(
+    cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = tmp_path / "prompts.jsonl"
     source.write_bytes(jsonl([line(i) for i in range(30)]))
     cli = ("--url", cluster.url, "--api-key", KEY)
@@ -207,12 +210,15 @@ def test_jobs_cli_submits_follows_and_downloads(cluster: Cluster, tmp_path: Path
         f"req-{i}" for i in range(30)
     )
     batch_id = output.name.removesuffix("_output.jsonl")
-    shown = subprocess.run(
-        python_module("lb.jobs", "status", batch_id, *cli),
-        capture_output=True,
-        text=True,
-        env=test_env(),
-        timeout=30,
-        check=True,
-    )
-    assert shown.stdout.strip() == f"{batch_id} completed 30/30 completed, 0 failed"
+    assert jobs_cli.main(["status", batch_id, *cli]) == 0  # in-process: one interpreter start is enough
+    assert capsys.readouterr().out.strip() == f"{batch_id} completed 30/30 completed, 0 failed"
+
+
+def test_a_workers_4xx_goes_to_the_error_file_and_the_rest_completes(client: openai.OpenAI) -> None:
+    refused = line("too-long", max_tokens=10_000_000)  # the worker answers 400: no room in its context
+    batch = wait_batch(client, submit(client, jsonl([line(0), refused, line(1)])))
+    assert batch.status == "completed" and batch.request_counts.failed == 1
+    (error,) = records(client, batch.error_file_id)
+    assert error["custom_id"] == "req-too-long" and error["response"]["status_code"] == 400
+    assert error["response"]["body"]["error"]["message"] and error["error"]["code"]
+    assert sorted(r["custom_id"] for r in records(client, batch.output_file_id)) == ["req-0", "req-1"]

@@ -33,14 +33,14 @@ def results_on_disk(cluster: Cluster, input_file_id: str) -> int:
     return sum(p.read_bytes().count(b"\n") for p in files)
 
 
-def assert_exactly_once(client: openai.OpenAI, batch_id: str) -> list[dict[str, object]]:
+def assert_exactly_once(client: openai.OpenAI, batch_id: str, lines: int = LINES) -> list[dict[str, object]]:
     batch = wait_batch(client, batch_id, timeout=120)
     assert batch.status == "completed"
     found = all_records(client, batch)
     repeated = [cid for cid, n in Counter(r["custom_id"] for r in found).items() if n > 1]
     assert not repeated, f"custom_ids with more than one result: {repeated[:5]}"
-    assert {r["custom_id"] for r in found} == {f"req-{i}" for i in range(LINES)}
-    assert batch.request_counts.completed + batch.request_counts.failed == LINES
+    assert {r["custom_id"] for r in found} == {f"req-{i}" for i in range(lines)}
+    assert batch.request_counts.completed + batch.request_counts.failed == lines
     return found
 
 
@@ -81,5 +81,25 @@ def test_worker_killed_mid_batch_its_lines_are_retried_on_the_others(tmp_path: P
         found = assert_exactly_once(client, batch_id)
         assert all(r["response"]["status_code"] == 200 for r in found)  # type: ignore[index]
         assert "retrying /v1/chat/completions on another worker" in (tmp_path / "lb-1.log").read_text()
+    finally:
+        cluster.stop()
+
+
+def test_sigterm_mid_batch_stops_dispatch_drains_quickly_and_the_batch_resumes(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, workers=1, worker_args=SLOW, lb_args=("--drain-timeout", "30"))
+    try:
+        client = cluster.client()
+        batch_id = submit(client, jsonl([line(i) for i in range(600)]))
+        wait_completed(client, batch_id, 100)
+        assert cluster.lb is not None
+        started = time.monotonic()
+        cluster.lb.signal(signal.SIGTERM)
+        assert cluster.lb.popen.wait(20) == 0
+        # the drain waited for the lines on the worker only, not for the rest of the batch
+        assert time.monotonic() - started < 10
+        assert cluster.received() < 500, "the batch kept dispatching while the balancer drained"
+        cluster.start_lb()
+        found = assert_exactly_once(cluster.client(), batch_id, 600)
+        assert all(r["response"]["status_code"] == 200 for r in found)  # type: ignore[index]
     finally:
         cluster.stop()

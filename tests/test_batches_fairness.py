@@ -1,21 +1,26 @@
 """Fair share: while a batch saturates the workers, interactive requests are served ahead of it; two
-concurrent batches advance at similar rates (round robin), whatever their sizes. Bounds are generous: this
+concurrent batches advance at similar rates (round robin), whatever their sizes; and the batch input of
+many users does not sit in the balancer's memory. Bounds are generous: this
 checks the order of service, the figures belong to `python -m bench.batch`."""
 
 from __future__ import annotations
 
+import json
 import statistics
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
+import psutil
 import pytest
 
 from tests.batch_support import MODEL, Cluster, jsonl, line, submit, wait_batch
 from tests.processes import get_json
 
-STEP = ("--fake-step-latency", "0.005")  # 5 ms per decode step: a 20-token answer takes ~0.1 s
+STEP = ("--fake-step-latency", "0.005")
+UPLOAD_MB = 64  # 5 ms per decode step: a 20-token answer takes ~0.1 s
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +76,33 @@ def test_a_small_batch_submitted_later_is_not_starved_by_a_large_one(cluster: Cl
     assert 0.4 * 150 <= progressed <= 3 * 150, f"large batch did {progressed} lines while the small did 150"
     client.batches.cancel(large)
     wait_batch(client, large)
+
+
+def test_an_upload_is_streamed_to_disk_not_held_in_memory(cluster: Cluster, tmp_path: Path) -> None:
+    big = tmp_path / "big.jsonl"
+    one = json.dumps(line(0, padding="x" * 4000)).encode() + b"\n"
+    with open(big, "wb") as out:
+        for _ in range(UPLOAD_MB * 1024 * 1024 // len(one)):
+            out.write(one)
+    assert cluster.lb is not None
+    lb = psutil.Process(cluster.lb.pid)
+    before = lb.memory_info().rss
+    peak = before
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, lb.memory_info().rss)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with open(big, "rb") as data:
+            uploaded = cluster.client().files.create(file=("big.jsonl", data), purpose="batch")
+    finally:
+        stop.set()
+        sampler.join()
+    assert uploaded.bytes == big.stat().st_size
+    assert peak - before < UPLOAD_MB * 1024 * 1024 / 4, f"the balancer grew {(peak - before) >> 20} MiB"

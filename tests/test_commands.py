@@ -116,6 +116,9 @@ def test_balancer_command() -> None:
     assert argv[argv.index("--policy") + 1] == "round_robin"
     assert argv[argv.index("--drain-timeout") + 1] == "8.0"
     assert argv[-2:] == ["--max-retries", "3"]
+    with_logs = balancer_command(cfg, 8000, [], log_files=[("balancer", "/r/balancer.log"), ("worker-0", "/r/w0.log")])
+    assert with_logs[with_logs.index("--log-file") + 1] == "balancer=/r/balancer.log"
+    assert "worker-0=/r/w0.log" in with_logs
 
 
 def test_balancer_secrets_travel_in_0600_files_not_its_command_line(tmp_path: Path) -> None:
@@ -215,3 +218,26 @@ def test_amd_profile_prefixes_the_worker_command_with_rocprof(
     argv = worker_command(cfg, SPEC)
     assert argv[:4] == [str(rocprof), "-d", f"{tmp_path}/p/worker-1", "--hip-trace"]
     assert argv[4:7] == [sys.executable, "-m", "workers"]
+
+
+def test_model_loading_options_reach_our_worker() -> None:
+    cfg = from_mapping(ClusterConfig, {"dcp_path": "/ckpt/step-10", "base_model": "/m", "quantization": "4bit",
+                                       "trust_remote_code": True, "attn_implementation": "eager"})
+    argv = worker_command(cfg, SPEC)
+    assert argv[argv.index("--port") + 2:] == [
+        "--trust-remote-code", "--attn-implementation", "eager", "--quantization", "4bit",
+        "--dcp-path", "/ckpt/step-10", "--base-model", "/m"]
+
+
+def test_vllm_gets_trust_remote_code_and_refuses_our_worker_only_options() -> None:
+    cfg = from_mapping(ClusterConfig, {"model_path": "/m", "engine": "vllm", "trust_remote_code": True})
+    assert "--trust-remote-code" in worker_command(cfg, SPEC)
+    cfg = from_mapping(ClusterConfig, {"model_path": "/m", "engine": "vllm", "gguf_file": "m.gguf"})
+    with pytest.raises(ConfigError, match="only our worker"):
+        worker_command(cfg, SPEC)
+
+
+def test_our_workers_get_the_admin_token_for_model_swaps_in_their_environment() -> None:
+    cfg = from_mapping(ClusterConfig, {"model_path": "/m", "admin_token": "t0k"})
+    assert worker_env(cfg, SPEC, base={})["IB_WORKER_ADMIN_TOKEN"] == "t0k"
+    assert "t0k" not in worker_command(cfg, SPEC)

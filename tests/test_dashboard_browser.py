@@ -20,8 +20,8 @@ from typing import Any
 import openai
 import pytest
 
+from bench.browser import chromium_paths, start_chromium
 from tests.batch_support import jsonl, line, submit, wait_batch
-from tests.browser import chromium_paths, start_chromium
 from tests.lb_cluster import FAST
 from tests.processes import ManagedProcess, free_port, get_json, python_module
 
@@ -124,6 +124,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 "1",
                 "--telemetry-interval",
                 "0.5",
+                "--data-dir",
+                str(log_dir / "data"),  # its own database: batches of other runs never show up here
+                "--log-file",
+                f"balancer={log_dir / 'lb.log'}",
             ),
             log_dir / "lb.log",
         )
@@ -247,3 +251,14 @@ def test_running_batch_shows_a_progress_bar_with_eta(page: Any, cluster: Cluster
     done = wait_batch(sdk, batch_id, timeout=60)
     assert done.status == "completed"
     wait_for(lambda: not page.find_elements("css selector", row), what="the finished batch's bar to go")
+
+
+def test_logs_section_shows_the_balancer_log_with_the_token(page: Any, cluster: Cluster) -> None:
+    set_token(page, ADMIN_TOKEN)
+    page.find_element("css selector", "#admin-token").send_keys("\n")  # change event: list the logs
+    wait_for(
+        lambda: page.find_elements("css selector", '#log-name option[value="balancer"]'), what="log names"
+    )
+    page.find_element("css selector", "#log-show").click()
+    output = page.find_element("css selector", "#log-output")
+    wait_for(lambda: "listening on" in output.text, what="the balancer's log on the page")

@@ -4,6 +4,7 @@ gets answers through it; status.sh lists both; stop.sh stops everything, checked
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,12 @@ def test_cpu_workers_serve_openai_requests_and_stop_leaves_nothing(
     record = cluster.wait_ready(timeout=240)
     out = cluster.output()
     assert "OpenAI SDK example" in out and f"http://127.0.0.1:{port}/v1" in out
+    assert f"http://127.0.0.1:{port}/dashboard" in out
+    token = (cluster.run_dir / "admin-token").read_text().strip()
+    worker_log = urllib.request.Request(f"http://127.0.0.1:{port}/logs/worker-1?lines=5",
+                                        headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(worker_log, timeout=5) as resp:  # the launcher gave the balancer its log paths
+        assert resp.read() in Path(record["workers"][1]["log"]).read_bytes()
     assert [w["gpus"] for w in record["workers"]] == ["", ""]
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=60)

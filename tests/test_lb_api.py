@@ -154,6 +154,7 @@ async def test_stats_and_metrics_shape(upstreams: Any, balancer: Any, http: aioh
         "queue_depth",
         "workers",
         "batches",
+        "model_switch",
     } == set(stats)
     assert {
         "index",

@@ -4,16 +4,25 @@ long (one more) and when it stays empty with room to spare (one fewer), bounded,
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 
 from lb.autoscale import Autoscaler
 from lb.backends import BackendPool
 from lb.metrics import Metrics
+from tests.conftest import SpawnFn
+from tests.lb_cluster import Proc, start_worker, wait_until, workers_stats
 from tests.lb_upstream import chat
+from tests.processes import free_port, python_module
 
 RECORDER = """import os, sys
 with open(sys.argv[1], "a") as out:
@@ -100,3 +109,40 @@ def test_decisions_wait_for_the_window_and_respect_bounds_and_cooldown() -> None
     scaler.observe(130)
     pool.set_health(pool.add("http://127.0.0.1:9303"), True)  # 4 workers: at the maximum already
     assert scaler.observe(150) is None
+
+
+async def test_scale_command_starts_a_worker_under_load_and_drains_it_after(
+    spawn: SpawnFn, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """The whole loop with real processes: queue pressure, the hook, scripts.scale starting and registering a
+    fake worker that takes the queued request, then draining and stopping it when the queue stays empty."""
+    seed = start_worker(spawn, "--fake-step-latency", "0.02")
+    port = free_port()
+    worker = f"{sys.executable} -m workers --engine fake --port {{port}} --max-wait-time 0"
+    worker += " --fake-step-latency 0.02"
+    scale = f"{sys.executable} -m scripts.scale --balancer http://127.0.0.1:{port} "
+    scale += f"--state {tmp_path / 'scale.json'} --worker {shlex.quote(worker)}"
+    lb = Proc(spawn(python_module(
+        "lb", "--port", str(port), "--workers", seed.url, "--health-check-interval", "0.2",
+        "--max-inflight-per-worker", "1", "--scale-command", scale, "--scale-min", "1", "--scale-max", "2",
+        "--scale-window", "0.3", "--scale-cooldown", "1",
+    ), name="lb"), port)  # fmt: skip
+    lb.proc.wait_http_ok(lb.url + "/health")
+    long = {"model": "fake-model", "prompt": "hi", "max_tokens": 600, "stream": True}  # 12 s of tokens
+    state = tmp_path / "scale.json"
+    try:
+        first = await http.post(lb.url + "/v1/completions", json=long)
+        # the second waits in the queue until the worker the hook starts has joined
+        second = await http.post(lb.url + "/v1/completions", json={**long, "max_tokens": 5})
+        assert (first.headers["X-LB-Worker"], second.headers["X-LB-Worker"]) == ("0", "1")
+        rows = json.loads(state.read_text())
+        assert len(rows) == 1 and workers_stats(lb)[1]["url"] == rows[0]["url"]
+        await second.read()
+        await first.read()
+        wait_until(lambda: len(workers_stats(lb)) == 1, timeout=20)  # queue empty: drained and removed
+        assert workers_stats(lb)[0]["url"] == seed.url
+        wait_until(lambda: not psutil.pid_exists(rows[0]["pid"]), timeout=20)
+    finally:  # workers the scale command started live in their own process groups: stop them here
+        for row in json.loads(state.read_text()) if state.exists() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(row["pgid"], signal.SIGKILL)

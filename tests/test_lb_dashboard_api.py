@@ -4,6 +4,8 @@ X-Request-ID and traceparent, over real sockets with an in-process worker app or
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,13 +14,14 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from lb.latency import RecentRequests, percentile
 from lb.telemetry import engine_figures, parse_metrics
 from tests.lb_upstream import chat
-from tests.processes import free_port
+from tests.processes import free_port, test_env
 from workers.config import WorkerConfig
 from workers.engines import create_engine
 from workers.server import LOAD_TASK, create_app
@@ -89,10 +92,14 @@ async def test_cluster_shows_engine_load_tokens_and_system_read_from_the_worker(
 
     async def gathered() -> bool:
         async with http.get(url + "/cluster") as resp:
-            doc = await resp.json()
-        w = doc["workers"][0]
+            w = (await resp.json())["workers"][0]
+        # a round whose /metrics read began before the last request ended still shows it running
+        idle = w["engine"]["running"] == 0 and w["engine"]["waiting"] == 0
         return (
-            bool(w["engine"]["generated_tokens"]) and w["recent"]["requests"] == 5 and w["system"] is not None
+            bool(w["engine"]["generated_tokens"])
+            and w["recent"]["requests"] == 5
+            and idle
+            and bool(w["system"])
         )
 
     await wait_for(gathered)
@@ -101,7 +108,6 @@ async def test_cluster_shows_engine_load_tokens_and_system_read_from_the_worker(
     w = doc["workers"][0]
     assert w["state"] == "healthy" and w["models"] == ["fake-model"]
     assert w["engine"]["generated_tokens"] >= 5 * 8  # the worker's own counter, not the balancer's
-    assert w["engine"]["running"] == 0 and w["engine"]["waiting"] == 0
     assert w["system"]["ram_total_gb"] > 0 and w["gpu"]["available"] is False
     assert doc["balancer"]["recent"]["requests"] == 5 and doc["balancer"]["recent"]["latency_ms_p99"] > 0
     assert len(doc["history"]["t"]) >= 1 and set(doc["history"]) >= {"tokens_per_s", "queue_depth"}
@@ -146,11 +152,14 @@ async def test_config_shows_settings_with_secrets_masked(
     upstreams: Any, balancer: Any, http: aiohttp.ClientSession
 ) -> None:
     up = await upstreams()
-    url = await balancer([up], api_key=("sk-client-secret-1",), admin_token="admin-secret-2")
+    url = await balancer(
+        [up], api_key=("sk-client-secret-1",), admin_token="admin-secret-2", worker_api_key="wk-secret-3"
+    )
     async with http.get(url + "/config") as resp:
         text = await resp.text()
         config = await resp.json()
-    assert "sk-client-secret-1" not in text and "admin-secret-2" not in text
+    assert "sk-client-secret-1" not in text and "admin-secret-2" not in text and "wk-secret-3" not in text
+    assert config["worker_api_key"] == "********"
     assert config["admin_token"] == "********" and config["api_key"] == ["********"]
     assert config["workers"] == [up.url] and config["policy"] == "least_connections"
 
@@ -247,3 +256,59 @@ async def test_request_id_goes_to_the_worker_and_back(
         await r.read()
         made = r.headers["X-Request-ID"]
     assert len(made) == 32 and up.headers[-1]["X-Request-ID"] == made  # a new id, the same at both ends
+
+
+def test_without_an_otlp_endpoint_nothing_of_opentelemetry_is_imported() -> None:
+    code = (
+        "import sys; from lb.app import create_app; from lb.config import BalancerConfig; "
+        "import lb.__main__; create_app(BalancerConfig()); "
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=test_env(), check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+async def test_each_request_is_a_span_under_the_clients_trace_at_the_otlp_collector(
+    upstreams: Any, balancer: Any, http: aiohttp.ClientSession
+) -> None:
+    pytest.importorskip(
+        "opentelemetry.exporter.otlp.proto.http", reason="the optional opentelemetry packages"
+    )
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received: list[bytes] = []
+
+    async def collect(request: web.Request) -> web.Response:
+        received.append(await request.read())
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    collector = web.Application()
+    collector.router.add_post("/v1/traces", collect)
+    server = TestServer(collector, port=free_port())
+    await server.start_server()
+    try:
+        up = await upstreams()
+        url = await balancer([up], otlp_endpoint=f"http://127.0.0.1:{server.port}")
+        trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+        headers = {"traceparent": f"00-{trace_id}-{parent_id}-01", "X-Request-ID": "traced-1"}
+        async with http.post(url + CHAT, json=chat(), headers=headers) as resp:
+            assert resp.status == 200
+
+        async def exported() -> bool:
+            return bool(received)
+
+        await wait_for(exported)
+        spans = []
+        for raw in received:
+            export = ExportTraceServiceRequest.FromString(raw)
+            spans += [s for rs in export.resource_spans for ss in rs.scope_spans for s in ss.spans]
+        (span,) = spans
+        attributes = {a.key: a.value for a in span.attributes}
+        assert span.trace_id.hex() == trace_id and span.parent_span_id.hex() == parent_id
+        assert attributes["lb.request_id"].string_value == "traced-1"
+        assert attributes["lb.worker"].int_value == 0 and attributes["lb.retries"].int_value == 0
+        assert attributes["http.response.status_code"].int_value == 200
+    finally:
+        await server.close()

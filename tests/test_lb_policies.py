@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from lb.backends import Backend, BackendPool
-from lb.config import BalancerConfig
-from lb.errors import BadRequest
+from lb.config import BalancerConfig, load
 from lb.policies import POLICIES, LeastTokens, PrefixAffinity, RoundRobin, Tuning, rendezvous
 from lb.ratelimit import RateLimited, RateLimiter, reset_text
 from lb.settings import ConfigError, from_mapping
@@ -108,8 +107,8 @@ def test_work_reader_reads_only_what_is_needed() -> None:
     session = WorkReader(frozenset({"session"}), 20, "X-Session-ID")
     assert session.read([(b"x-session-id", b"abc")], b"not json", None).key == "abc"  # header: body unread
     assert session.read([], b'{"user": "u-7"}', None).key == "u-7"
-    with pytest.raises(BadRequest):
-        WorkReader(frozenset({"prefix"}), 20, "X-Session-ID").read([], b"[1, 2]", None)
+    # a body routing cannot read is the worker's to refuse: no key, no payload, no error here
+    assert WorkReader(frozenset({"prefix"}), 20, "X-Session-ID").read([], b"[1, 2]", None) == Work()
 
 
 def test_worker_weights_from_flags_and_file(tmp_path: Path) -> None:
@@ -127,6 +126,15 @@ def test_worker_weights_from_flags_and_file(tmp_path: Path) -> None:
     ]
     with pytest.raises(ConfigError, match="weight"):
         from_mapping(BalancerConfig, {"workers": ["http://10.0.0.1:8000@0"]})
+
+
+def test_worker_weights_from_yaml(tmp_path: Path) -> None:
+    config_file = tmp_path / "lb.yaml"
+    config_file.write_text(
+        "workers:\n  - http://10.0.0.1:8000@2.5\n  - http://10.0.0.2:8000\npolicy: session\n"
+    )
+    config = load(["--config", str(config_file)])
+    assert config.worker_specs() == [("http://10.0.0.1:8000", 2.5), ("http://10.0.0.2:8000", 1.0)]
 
 
 def test_key_file_carries_per_key_limits(tmp_path: Path) -> None:

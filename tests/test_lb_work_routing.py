@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,20 @@ async def test_weights_3_to_1_split_400_requests_within_5_percent(
     await asyncio.gather(*(one() for _ in range(400)))
     assert abs(heavy.requests - 300) <= 20, (heavy.requests, light.requests)
     assert stats_of(balancer)[0]["weight"] == 3.0
+
+
+async def test_a_worker_added_with_a_weight_gets_its_share(
+    upstreams: Any, balancer: Any, http: aiohttp.ClientSession
+) -> None:
+    light, heavy = await upstreams(), await upstreams()
+    url = await balancer([light], policy="round_robin")
+    async with http.post(url + "/workers", json={"url": heavy.url, "weight": "heavy"}) as resp:
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == "weight"
+    async with http.post(url + "/workers", json={"url": heavy.url, "weight": 3}) as resp:
+        assert resp.status == 201 and (await resp.json())["weight"] == 3.0
+    for _ in range(40):
+        assert (await post(http, url, chat()))[0] == 200
+    assert (light.requests, heavy.requests) == (10, 30)
 
 
 async def test_prefix_affinity_keeps_each_prefix_on_one_worker(
@@ -171,6 +186,25 @@ async def test_503_with_retry_after_is_skipped_for_that_long_and_stays_healthy(
     await asyncio.sleep(1.1)
     assert {(await post(http, url, chat()))[1] for _ in range(4)} == {"0", "1"}
     assert stats_of(balancer)[0]["healthy"]
+
+
+async def test_a_request_waits_out_a_short_retry_after_and_fails_fast_on_a_long_one(
+    upstreams: Any, balancer: Any, http: aiohttp.ClientSession
+) -> None:
+    only = await upstreams()
+    url = await balancer([only], queue_timeout=3)
+    only.status, only.retry_after = 503, "1"
+    assert (await post(http, url, chat()))[0] == 503  # nobody else to try: the worker's answer, relayed
+    only.status = 200
+    started = time.monotonic()
+    assert (await post(http, url, chat()))[0] == 200  # queued until the worker's second of rest is over
+    assert time.monotonic() - started > 0.5 and only.requests == 2
+    only.status, only.retry_after = 503, "60"  # longer than --queue-timeout: no point waiting
+    await post(http, url, chat())
+    async with http.post(url + CHAT, json=chat()) as resp:
+        assert resp.status == 503 and int(resp.headers["Retry-After"]) >= 59
+        assert (await resp.json())["error"]["code"] == "workers_busy"
+    assert only.requests == 3
 
 
 async def test_rate_limit_refuses_the_61st_request_of_a_60_rpm_key(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,14 @@ def test_job_environment_carries_python_ports_and_container() -> None:
     assert env["IB_JOB_REPO"] == str(REPO_ROOT)
 
 
+def test_model_loading_options_travel_to_the_workers_with_absolute_paths(tmp_path: Path) -> None:
+    env = job_environment(job(gpus=2, model_path=None, dcp_path="ckpt", base_model=str(tmp_path),
+                              trust_remote_code=True, engine_args="--dtype bfloat16"))
+    assert shlex.split(env["IB_JOB_ENGINE_ARGS"]) == [
+        "--trust-remote-code", "--dcp-path", str(Path("ckpt").resolve()), "--base-model", str(tmp_path),
+        "--dtype", "bfloat16"]
+
+
 def test_instructions_give_the_tunnel_and_an_sdk_example() -> None:
     record = {"job_id": "7", "node": "gpu01", "address": "10.0.0.5", "port": 9000, "url": "http://10.0.0.5:9000",
               "login_host": "login.hpc", "local_port": 8000, "healthy_workers": 8, "expected_workers": 8,
@@ -95,6 +104,7 @@ def test_instructions_give_the_tunnel_and_an_sdk_example() -> None:
     assert tunnel_command(record) == "ssh -N -L 8000:10.0.0.5:9000 login.hpc"
     text = instructions(record)
     assert 'base_url="http://localhost:8000/v1"' in text and "scancel 7" in text
+    assert "http://localhost:8000/dashboard" in text
 
 
 def _run_submit(*args: str) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,9 @@ nvidia-ml-py is installed in the test environment and this machine has no NVIDIA
 
 from __future__ import annotations
 
+import os
 import sys
+import types
 from collections.abc import AsyncIterator
 
 import psutil
@@ -18,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from workers.config import WorkerConfig
 from workers.engines import create_engine
 from workers.server import LOAD_TASK, create_app
-from workers.telemetry import GIB
+from workers.telemetry import GIB, MIB
 
 Client = TestClient[web.Request, web.Application]
 
@@ -91,3 +93,97 @@ async def test_power_profile_rejects_bad_input_with_400(client: Client, body: by
     resp = await client.post("/settings/power_profile", data=body)
     assert resp.status == 400
     assert (await resp.json())["error"]["type"] == "invalid_request_error"
+
+
+class FakeNvml(types.ModuleType):
+    """NVML as nvidia-ml-py exposes it, for one H100-like GPU without a fan: lets the GPU path run here."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_NoPermission(NVMLError):
+        pass
+
+    def __init__(self) -> None:
+        super().__init__("pynvml")
+        self.limit_mw = 700_000
+        self.calls: list[int] = []
+
+    def nvmlInit(self) -> None: ...
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return "550.54"
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetName(self, h: int) -> bytes:
+        return b"NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetUUID(self, h: int) -> str:
+        return "GPU-1234"
+
+    def nvmlDeviceGetTemperature(self, h: int, sensor: int) -> int:
+        return 41
+
+    def nvmlDeviceGetPowerUsage(self, h: int) -> int:
+        return 123_456
+
+    def nvmlDeviceGetPowerManagementLimit(self, h: int) -> int:
+        return self.limit_mw
+
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, h: int) -> int:
+        return 700_000
+
+    def nvmlDeviceGetPowerManagementLimitConstraints(self, h: int) -> tuple[int, int]:
+        return 200_000, 700_000
+
+    def nvmlDeviceSetPowerManagementLimit(self, h: int, mw: int) -> None:
+        self.limit_mw = mw
+
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> types.SimpleNamespace:
+        return types.SimpleNamespace(total=80 * 1024 * MIB, used=1024 * MIB)
+
+    def nvmlDeviceGetUtilizationRates(self, h: int) -> types.SimpleNamespace:
+        return types.SimpleNamespace(gpu=87, memory=40)
+
+    def nvmlDeviceGetFanSpeed(self, h: int) -> int:
+        raise self.NVMLError("Not Supported")  # passively cooled: the field is null, the rest still reads
+
+
+async def test_gpu_reports_every_field_and_a_power_profile_sets_the_limit(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nvml = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    body = await (await client.get("/gpu")).json()
+    assert body["available"] is True and body["driver_version"] == "550.54"
+    assert body["gpus"] == [
+        {
+            "index": 0,
+            "name": "NVIDIA H100 80GB HBM3",
+            "uuid": "GPU-1234",
+            "memory_total_mb": 81920,
+            "memory_used_mb": 1024,
+            "utilization_gpu": 87,
+            "utilization_mem": 40,
+            "temperature_gpu": 41,
+            "power_draw_w": 123.5,
+            "power_limit_w": 700.0,
+            "fan_speed_pct": None,
+        }
+    ]
+    text = await (await client.get("/metrics")).text()
+    assert 'worker_gpu_utilization_percent{gpu="0",name="NVIDIA H100 80GB HBM3"} 87.0' in text
+    if os.geteuid() == 0:
+        resp = await client.post("/settings/power_profile", json={"profile": "quiet"})
+        assert resp.status == 200 and nvml.limit_mw == 200_000
+        assert (await (await client.get("/settings/power_profile")).json())["profile"] == "quiet"
+    else:
+        resp = await client.post("/settings/power_profile", json={"profile": "quiet"})
+        assert resp.status == 403 and (await resp.json())["error"]["code"] == "needs_root"

@@ -31,6 +31,8 @@ async def health(request: web.Request) -> web.Response:
     }
     if state.error:
         body["error"] = state.error
+    if state.load is not None:  # the latest in-place model swap (POST /admin/load)
+        body["load"] = state.load.as_dict()
     return web.json_response(body, status=200 if state.status == "ok" else 503)
 
 

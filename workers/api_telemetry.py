@@ -33,7 +33,7 @@ async def gpu(request: web.Request) -> web.Response:
 
 
 async def system(request: web.Request) -> web.Response:
-    return web.json_response(await asyncio.to_thread(system_stats))
+    return web.json_response(await asyncio.to_thread(system_stats, request.app[STATE].cpu))
 
 
 async def get_power_profile(request: web.Request) -> web.Response:
@@ -68,7 +68,7 @@ async def set_power_profile(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     """The routes, and the same figures as gauges on the worker's /metrics."""
     state = app[STATE]
-    state.metrics.registry.register(TelemetryCollector(state.gpus))
+    state.metrics.registry.register(TelemetryCollector(state.gpus, state.cpu))
     app.router.add_get("/gpu", gpu)
     app.router.add_get("/system", system)
     app.router.add_get("/settings/power_profile", get_power_profile)

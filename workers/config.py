@@ -7,6 +7,9 @@ from pathlib import Path
 
 from lb.settings import ConfigError, load_config, setting
 
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+
 ENGINES = ("hf", "dllm", "fake")
 DLLM_ALGORITHMS = ("low_confidence", "random", "threshold")  # = engines.base.DIFFUSION_ALGORITHMS (tested)
 DEVICES = ("auto", "cpu", "cuda")
@@ -53,6 +56,29 @@ class WorkerConfig:
         30.0, "seconds after SIGTERM that running requests may take to finish before they are cut off"
     )
     log_level: str = setting("info", "logging level; debug also logs every HTTP request", choices=LOG_LEVELS)
+    gguf_file: str | None = setting(
+        None, "hf engine: load this GGUF file inside --model-path (dequantised by transformers; needs the "
+        "gguf and accelerate packages)", metavar="FILE"
+    )
+    attn_implementation: str = setting(
+        "auto", "hf engine: attention kernel; auto = the model's default (sdpa where supported); "
+        "flash_attention_2 needs CUDA and the flash-attn package", choices=ATTN_IMPLEMENTATIONS
+    )
+    quantization: str = setting(
+        "none", "hf engine: load the weights quantised with bitsandbytes (CUDA only)", choices=QUANTIZATIONS
+    )
+    dcp_path: str | None = setting(
+        None, "hf engine: a torch.distributed.checkpoint directory whose tensors replace --base-model's "
+        "weights (as training frameworks save them); --model-path is then optional", metavar="DIR"
+    )
+    base_model: str | None = setting(
+        None, "hf engine: with --dcp-path, the save_pretrained directory giving architecture and tokenizer",
+        metavar="DIR"
+    )
+    admin_token: str | None = setting(
+        None, "bearer token for POST /admin/load (swap the model in place); without it only loopback clients "
+        "may call it", metavar="TOKEN"
+    )
     trust_remote_code: bool = setting(
         False, "hf and dllm engines: run the model code a model directory ships (config.json auto_map), as "
         "LLaDA checkpoints need; off by default"
@@ -100,8 +126,11 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ConfigError(f"engine: must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.engine in ("hf", "dllm") and not self.model_path:
+        dcp_only = self.engine == "hf" and self.dcp_path  # the base model gives architecture and tokenizer
+        if self.engine in ("hf", "dllm") and not self.model_path and not dcp_only:
             raise ConfigError(f"model_path: required with --engine {self.engine} (or use --engine fake)")
+        if self.dcp_path and not self.base_model:
+            raise ConfigError("base_model: required with --dcp-path (the directory the checkpoint fits)")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port: must be 1-65535, got {self.port}")
         if self.batch_size < 1:
@@ -127,6 +156,8 @@ class WorkerConfig:
             return self.served_model_name
         if self.model_path:
             return Path(self.model_path).resolve().name
+        if self.dcp_path:
+            return Path(self.dcp_path).resolve().name
         return FAKE_MODEL_NAME
 
 

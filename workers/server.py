@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from workers import api_native, api_openai, api_status, api_telemetry
+from workers import api_admin, api_info, api_native, api_openai, api_status, api_telemetry
 from workers.batcher import DynamicBatcher
 from workers.config import WorkerConfig
 from workers.engines import create_engine
@@ -68,6 +68,10 @@ def create_app(config: WorkerConfig, engine: Engine) -> web.Application:
     app.router.add_post("/v1/chat/completions", api_openai.chat_completions)
     app.router.add_post("/generate", api_native.generate)
     api_telemetry.add_routes(app)
+    app.router.add_post("/admin/load", api_admin.load)
+    app.router.add_get("/admin/load", api_admin.latest)
+    app.router.add_get("/version", api_info.version)
+    app.router.add_get("/info", api_info.info)
     app.cleanup_ctx.append(_engine_lifecycle)
     return app
 

@@ -14,7 +14,8 @@ from workers.config import WorkerConfig
 from workers.engines.base import Engine
 from workers.errors import NotReady
 from workers.metrics import WorkerMetrics
-from workers.telemetry import GpuReader
+from workers.swap import LoadRecord
+from workers.telemetry import CpuPercent, GpuReader
 
 Status = Literal["loading", "ok", "draining", "failed"]
 
@@ -28,9 +29,11 @@ class WorkerState:
     status: Status = "loading"
     error: str | None = None  # why loading failed
     gpu: dict[str, Any] | None = None  # filled once the engine is loaded
+    load: LoadRecord | None = None  # the latest in-place model swap (POST /admin/load)
     started_at: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
     gpus: GpuReader = field(default_factory=GpuReader)  # /gpu, power profiles, GPU gauges
+    cpu: CpuPercent = field(default_factory=CpuPercent)  # /system's and the gauges' CPU use
 
     def require_ready(self) -> None:
         """Generation endpoints call this first: 503 (with Retry-After) unless the worker is serving."""

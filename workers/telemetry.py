@@ -148,7 +148,25 @@ def _text(value: Any) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def system_stats() -> dict[str, Any]:
+class CpuPercent:
+    """CPU use over at least `MIN_SPAN_S`: psutil measures since its previous call, so /system and /metrics
+    read back to back would otherwise see a span of microseconds (0% or 100%)."""
+
+    MIN_SPAN_S = 1.0
+
+    def __init__(self) -> None:
+        psutil.cpu_percent(interval=None)  # starts psutil's span
+        self._at = time.monotonic()
+        self._value = 0.0
+
+    def read(self) -> float:
+        if time.monotonic() - self._at >= self.MIN_SPAN_S:
+            self._value = psutil.cpu_percent(interval=None)
+            self._at = time.monotonic()
+        return self._value
+
+
+def system_stats(cpu: CpuPercent) -> dict[str, Any]:
     """The /system answer: load, memory and mounted disks, as psutil reports them."""
     memory = psutil.virtual_memory()
     disks = []
@@ -172,7 +190,7 @@ def system_stats() -> dict[str, Any]:
     return {
         "cpu_load": round(psutil.getloadavg()[0], 2),  # 1-minute load average
         "cpu_count": psutil.cpu_count(),
-        "cpu_percent": psutil.cpu_percent(interval=None),  # since the previous call, all cores
+        "cpu_percent": cpu.read(),  # all cores, over the last second or more
         "ram_used_gb": round(memory.used / GIB, 2),
         "ram_total_gb": round(memory.total / GIB, 2),
         "ram_percent": memory.percent,
@@ -183,11 +201,12 @@ def system_stats() -> dict[str, Any]:
 class TelemetryCollector(Collector):
     """The /gpu and /system figures as `worker_gpu_*` and `worker_system_*` gauges, read at scrape time."""
 
-    def __init__(self, gpus: GpuReader) -> None:
+    def __init__(self, gpus: GpuReader, cpu: CpuPercent) -> None:
         self._gpus = gpus
+        self._cpu = cpu
 
     def collect(self) -> Iterator[Metric]:
-        system = system_stats()
+        system = system_stats(self._cpu)
         yield GaugeMetricFamily("worker_system_cpu_load", "1-minute load average", value=system["cpu_load"])
         yield GaugeMetricFamily(
             "worker_system_cpu_percent", "CPU use, all cores", value=system["cpu_percent"]

@@ -34,7 +34,7 @@ function show(message, ok = false) {
 
 // ---- the worker table --------------------------------------------------------------------------------------
 const COLUMNS = ["index", "url", "state", "model", "gpu", "in_flight", "engine", "tokens", "ttft", "latency",
-                 "served", "errors", "retries", "checked", "gpu_util", "gpu_mem", "power", "temp", "actions"];
+                 "served", "errors", "checked", "gpu_use", "power", "host", "actions"];
 
 function firstGpu(w) {
   const g = w.gpu;
@@ -45,7 +45,7 @@ function cells(w) {
   const g = firstGpu(w);
   const e = w.engine || {};
   const r = w.recent || {};
-  const gpuName = g ? g.name + (w.gpu.gpus.length > 1 ? ` ×${w.gpu.gpus.length}` : "")
+  const gpuName = g ? (g.name || "GPU").replace(/^NVIDIA /, "") + (w.gpu.gpus.length > 1 ? ` ×${w.gpu.gpus.length}` : "")
                     : (w.gpu && w.gpu.available === false ? "none" : dash);
   return {
     index: String(w.index),
@@ -58,13 +58,13 @@ function cells(w) {
     ttft: ms(e.ttft_ms),
     latency: `${ms(r.latency_ms_p50)} / ${ms(r.latency_ms_p99)}`,
     served: String(w.requests_served),
-    errors: String(w.errors),
-    retries: String(w.retries),
+    errors: `${w.errors} / ${w.retries}`,
     checked: ago(w.last_check),
-    gpu_util: g && g.utilization_gpu != null ? g.utilization_gpu + "%" : dash,
-    gpu_mem: g && g.memory_used_mb != null ? `${(g.memory_used_mb / 1024).toFixed(1)} / ${(g.memory_total_mb / 1024).toFixed(0)} GiB` : dash,
-    power: g && g.power_draw_w != null ? `${g.power_draw_w.toFixed(0)} / ${num(g.power_limit_w)} W` : dash,
-    temp: g && g.temperature_gpu != null ? g.temperature_gpu + " °C" : dash,
+    gpu_use: g && g.utilization_gpu != null
+      ? `${g.utilization_gpu}% · ${(g.memory_used_mb / 1024).toFixed(1)}/${(g.memory_total_mb / 1024).toFixed(0)} GiB` : dash,
+    power: g && g.power_draw_w != null
+      ? `${g.power_draw_w.toFixed(0)}/${num(g.power_limit_w)} W ${num(g.temperature_gpu)}°C` : dash,
+    host: w.system ? `${num(w.system.cpu_load, 1)} · ${num(w.system.ram_percent)}%` : dash,
   };
 }
 
@@ -77,12 +77,16 @@ function newRow(index) {
     tr.appendChild(td);
   }
   const actions = tr.querySelector("td.actions");
-  for (const [action, label] of [["drain", "Drain"], ["readmit", "Re-admit"], ["remove", "Remove"]]) {
+  const buttons = [["drain", "Drain", "stop sending new requests; in-flight ones finish"],
+                   ["readmit", "Admit", "re-admit: send requests again"],
+                   ["remove", "Remove", "drain, then remove from the pool (click twice)"]];
+  for (const [action, label, help] of buttons) {
     const button = document.createElement("button");
     button.type = "button";
     button.dataset.action = action;
     button.dataset.worker = index;
     button.textContent = label;
+    button.title = help;
     button.addEventListener("click", () => adminAction(button, action, index));
     actions.appendChild(button);
   }
@@ -105,6 +109,8 @@ function renderWorkers(workers) {
       if (td.textContent !== text) td.textContent = text;
     }
     tr.querySelector("td.url").title = w.telemetry_error ? "telemetry: " + w.telemetry_error : w.url;
+    const g = firstGpu(w);
+    tr.querySelector("td.gpu").title = g ? `${g.name} (driver ${w.gpu.driver_version || "?"})` : (w.gpu?.reason || "");
     const state = tr.querySelector("td.state");
     state.innerHTML = "";
     const badge = document.createElement("span");
@@ -121,8 +127,8 @@ function renderSummary(doc) {
   const b = doc.balancer;
   const r = b.recent || {};
   const items = [
-    ["workers", `${b.healthy_workers}/${b.total_workers} healthy` +
-                (doc.workers.some((w) => w.draining) ? `, ${doc.workers.filter((w) => w.draining).length} draining` : "")],
+    ["workers", ["healthy", "draining", "down"].map((state) =>
+      `${doc.workers.filter((w) => w.state === state).length} ${state}`).join(" · ")],
     ["in flight", b.in_flight], ["queued", b.queue_depth],
     ["requests/s", num(b.requests_per_s, 1)], ["tokens/s", num(b.tokens_per_s, 1)],
     ["p50", ms(r.latency_ms_p50)], ["p99", ms(r.latency_ms_p99)],
@@ -144,8 +150,13 @@ function renderSummary(doc) {
 // ---- jobs -----------------------------------------------------------------------------------------------
 function renderJobs(jobs) {
   const box = $("#jobs");
-  if (!jobs || !jobs.length) { box.innerHTML = '<p class="muted">No batch or job is running.</p>'; return; }
-  box.innerHTML = "";
+  const empty = box.querySelector("p.muted");
+  if (!jobs || !jobs.length) {
+    if (!empty) box.innerHTML = '<p class="muted">No batch or job is running.</p>';
+    return;
+  }
+  if (empty) empty.remove();
+  const rows = new Map([...box.querySelectorAll(".job")].map((row) => [row.dataset.job, row]));
   const now = Date.now() / 1000;
   for (const job of jobs) {
     const total = job.total || 0;
@@ -158,15 +169,20 @@ function renderJobs(jobs) {
       const rate = (done - first[1]) / Math.max(1e-6, now - first[0]);
       eta = rate > 0 ? (total - done) / rate : null;
     }
-    const row = document.createElement("div");
-    row.className = "job";
-    row.dataset.job = job.id;
-    row.innerHTML = '<span class="name"></span><div class="bar"><div></div></div><span class="eta"></span>';
+    let row = rows.get(job.id);
+    rows.delete(job.id);
+    if (!row) { // rows are updated in place, so the bar's width animates instead of jumping
+      row = document.createElement("div");
+      row.className = "job";
+      row.dataset.job = job.id;
+      row.innerHTML = '<span class="name"></span><div class="bar"><div></div></div><span class="eta"></span>';
+      box.appendChild(row);
+    }
     row.querySelector(".name").textContent = `${job.kind || "job"} ${job.name || job.id} · ${job.status || ""}`;
     row.querySelector(".bar > div").style.width = pct.toFixed(1) + "%";
     row.querySelector(".eta").textContent = `${done}/${total || "?"} (${pct.toFixed(0)}%) · ETA ${duration(eta)}`;
-    box.appendChild(row);
   }
+  for (const row of rows.values()) row.remove(); // finished
 }
 
 // ---- charts: line charts drawn on <canvas> ---------------------------------------------------------------------
@@ -224,7 +240,9 @@ function niceCeil(v) {
   for (const m of [1, 2, 4, 6, 8, 10]) if (v <= m * p) return m * p; // quarters stay round
   return 10 * p;
 }
-function short(v) { return v >= 1000 ? (v / 1000).toFixed(v >= 10000 ? 0 : 1) + "k" : v >= 10 ? v.toFixed(0) : v.toFixed(1); }
+function short(v) {
+  return v >= 1000 ? (v / 1000).toFixed(v >= 10000 ? 0 : 1) + "k" : v >= 10 ? v.toFixed(0) : v >= 1 ? v.toFixed(1) : v.toFixed(2);
+}
 
 function renderCharts(h) {
   drawChart($("#chart-throughput"), h.t, [h.requests_per_s, h.tokens_per_s], true);
@@ -285,6 +303,51 @@ async function adminAction(button, action, index) {
     poll();
   }
 }
+
+// ---- logs (GET /logs, /logs/NAME: admin token or loopback, like the buttons) --------------------------------------
+function adminHeaders() {
+  return tokenInput.value ? { Authorization: "Bearer " + tokenInput.value } : {};
+}
+
+async function loadLogNames() {
+  const status = $("#log-status");
+  try {
+    const resp = await fetch("/logs", { headers: adminHeaders(), cache: "no-store" });
+    if (resp.status === 401 || resp.status === 403) {
+      status.textContent = `${resp.status}: the logs need the admin token (top right)`;
+      return;
+    }
+    const names = (await resp.json()).components || [];
+    const select = $("#log-name");
+    select.innerHTML = "";
+    for (const name of names) {
+      const option = document.createElement("option");
+      option.value = option.textContent = name;
+      select.appendChild(option);
+    }
+    status.textContent = names.length ? "" : "the balancer was started without --log-file";
+  } catch (err) {
+    status.textContent = "cannot list the logs: " + err.message;
+  }
+}
+
+$("#log-show").addEventListener("click", async () => {
+  const name = $("#log-name").value, status = $("#log-status"), out = $("#log-output");
+  if (!name) { await loadLogNames(); return; }
+  const lines = Number($("#log-lines").value) || 200;
+  const resp = await fetch(`/logs/${encodeURIComponent(name)}?lines=${lines}`, { headers: adminHeaders(), cache: "no-store" });
+  if (!resp.ok) {
+    let message = resp.statusText;
+    try { message = (await resp.json()).error.message; } catch (_) { /* not JSON */ }
+    status.textContent = `${resp.status}: ${message}`;
+    return;
+  }
+  out.textContent = await resp.text();
+  out.hidden = false;
+  out.scrollTop = out.scrollHeight; // the newest lines
+  status.textContent = `${name}: last ${lines} lines at ${new Date().toLocaleTimeString()}`;
+});
+tokenInput.addEventListener("change", loadLogNames);
 
 // ---- playground -----------------------------------------------------------------------------------------------
 function fillModels(workers) {
@@ -373,4 +436,5 @@ fetch("/config", { cache: "no-store" })
   })
   .catch(() => {});
 poll();
+loadLogNames();
 setInterval(poll, POLL_MS);

@@ -81,6 +81,10 @@ class BatchService:
                 self._start_run(row, stopping="cancelled" if row["status"] == "cancelling" else None)
         self._loop_task = asyncio.create_task(self.dispatcher.run(), name="lb-batches")
 
+    def pause(self) -> None:
+        """Shutdown has begun: dispatch no more lines, so the drain waits only for those on a worker."""
+        self.dispatcher.pause()
+
     async def stop(self) -> None:
         """Stop dispatching; lines in flight are dropped unrecorded and sent again after a restart."""
         tasks = [*self._tasks, *([self._loop_task] if self._loop_task else [])]

@@ -41,12 +41,17 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._finishing: set[str] = set()
         self._closing = False  # shutting down: a cancelled line is not done, so no batch may finish now
+        self.paused = False  # draining: no new lines; those in flight finish and are recorded
 
     def add(self, run: BatchRun) -> None:
         self.runs[run.batch_id] = run
         self._order.append(run)
         self._wake.set()
         self._maybe_finish(run)  # resumed with every line already done
+
+    def pause(self) -> None:
+        """Send no more lines (the balancer is draining); lines in flight finish and keep their results."""
+        self.paused = True
 
     def stop(self, batch_id: str, reason: str) -> None:
         """Take no more lines of the batch (`cancelled` or `expired`); in-flight lines finish."""
@@ -94,7 +99,7 @@ class Dispatcher:
                     line, Outcome(exc.status, {"error": {"message": exc.message, "code": exc.code}}, 0)
                 )
                 continue
-            if run.stopping is not None:  # cancelled or expired while this line waited for its slot
+            if run.stopping is not None or self.paused:  # stopped while this line waited for its slot
                 self._sender.release(backend, True)
                 run.give_back(line)
                 continue
@@ -105,6 +110,8 @@ class Dispatcher:
 
     def _next(self) -> BatchRun | None:
         """The next batch in rotation that has lines to send."""
+        if self.paused:
+            return None
         for _ in range(len(self._order)):
             run = self._order[0]
             self._order.rotate(-1)

@@ -21,6 +21,7 @@ from lb.errors import BalancerError, NoHealthyBackend
 from lb.health import HealthChecker
 from lb.metrics import Metrics
 from lb.model_routing import ModelRouter, served_name
+from lb.proxy import BUSY_STATUSES, retry_after
 from lb.upstream import UpstreamClient, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("lb.jobs")
@@ -157,6 +158,9 @@ class Sender:
                 self._health.mark_down(backend, str(exc))
             return Outcome(None, {"code": "worker_failed", "message": f"Worker {backend.index}: {exc}"}, 0)
         status = upstream.status
+        rest = retry_after(upstream.headers) if status in BUSY_STATUSES else None
+        if rest is not None:  # back-pressure: route around the worker that long, as the proxy does
+            self._pool.set_busy(backend, rest)
         end = time.perf_counter()
         backend.requests_served += 1
         backend.status_counts[status] = backend.status_counts.get(status, 0) + 1

@@ -31,18 +31,20 @@ def _build_fake(config: WorkerConfig) -> Engine:
 def _build_hf(config: WorkerConfig) -> Engine:
     try:
         from workers.engines.hf import HFEngine
+        from workers.engines.hf_loading import LoadSpec
     except ImportError as exc:  # torch / transformers are the optional `hf` extra
         raise ConfigError(
             f"engine: 'hf' needs torch and transformers ({exc}); install them with "
             "`pip install 'inference-balancer[hf]'` or use --engine fake"
         ) from exc
-    assert config.model_path is not None  # WorkerConfig requires it for hf
+    spec = LoadSpec.from_config(config)
     return HFEngine(
-        config.model_path,
+        str(spec.architecture_dir),
         served_model_name=config.model_name,
         device=config.device,
         dtype=config.dtype,
         max_model_len=config.max_model_len,
+        load_spec=spec,
     )
 
 

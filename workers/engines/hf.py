@@ -17,6 +17,7 @@ import torch
 
 from workers.engines.base import EngineInfo, EngineRequest, PromptTooLongError, TokenEvent
 from workers.engines.hf_batch import DecodeBatch, cache_is_mergeable
+from workers.engines.hf_loading import LoadSpec, load_model
 from workers.engines.hf_sampling import RowSampler, choose_tokens
 from workers.engines.hf_sequence import IncrementalDetokenizer, SequenceState
 
@@ -73,13 +74,16 @@ class HFEngine:
         dtype: str = "auto",
         max_model_len: int | None = None,
         max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+        load_spec: LoadSpec | None = None,
     ) -> None:
         self.model_path = model_path
+        self.load_spec = load_spec or LoadSpec(model_path)  # where the weights come from and how
         self.served_model_name = served_model_name or model_path
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_num_seqs = max_num_seqs
-        self.max_model_len = max_model_len or context_length_from_config(model_path) or 2048
+        context = context_length_from_config(str(self.load_spec.architecture_dir))
+        self.max_model_len = max_model_len or context or 2048
         self.model: Any = None
         self.tokenizer: Any = None
         self._decode: Callable[[Sequence[int]], str] = lambda ids: ""
@@ -98,17 +102,9 @@ class HFEngine:
         return EngineInfo("hf", self.served_model_name, str(self.device), self.max_model_len)
 
     def load(self) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        path = os.path.expanduser(self.model_path)
-        if self.model_path.startswith(("/", ".", "~")) and not Path(path).is_dir():
-            # transformers would report a missing directory as a malformed hub repo id
-            raise FileNotFoundError(f"model path {self.model_path!r} is not a directory")
         if self.device.type == "cpu":
             torch.set_num_threads(torch_threads())
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
-        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
+        self.model, self.tokenizer = load_model(self.load_spec, self.device, self.dtype)
         tok, gen = self.tokenizer, self.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else tok.eos_token_id
         self._eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))

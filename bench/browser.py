@@ -1,4 +1,4 @@
-"""Headless Chromium through Selenium and Debian's chromedriver, for the dashboard's browser tests."""
+"""Headless Chromium through Selenium and Debian's chromedriver, for the dashboard's tests and benchmark."""
 
 from __future__ import annotations
 
