@@ -27,7 +27,7 @@ from lb.settings import setting as s
 from scripts.profilers import PROFILE_TOOLS
 from scripts.seed_yaml import translate
 
-ENGINES = ("hf", "fake", "vllm", "sglang")
+ENGINES = ("hf", "dllm", "fake", "vllm", "sglang")
 POLICIES = ("round_robin", "least_connections", "power_of_two")
 ENV_PREFIX = "IB_CLUSTER_"
 DEFAULT_RUN_DIR = "~/.cache/inference-balancer/run"
@@ -77,7 +77,8 @@ class ClusterConfig:
     gpus_per_worker: int = s(1, "GPUs given to each worker (e.g. 2 for vLLM tensor parallel)", metavar="N")
     cpu_workers: int | None = s(None, "run N CPU workers instead of GPU workers (CUDA_VISIBLE_DEVICES='')",
                                 metavar="N")
-    engine: str = s("hf", "what each worker runs: our worker (hf, fake) or vLLM's / SGLang's own server",
+    engine: str = s("hf", "what each worker runs: our worker (hf, dllm, fake) or vLLM's / SGLang's own "
+                    "server",
                     choices=ENGINES)
     engine_args: str = s("", "extra worker arguments, shell-quoted; use --engine-args='--flag' or put them "
                              "after a bare `--`", metavar="ARGS")

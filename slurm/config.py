@@ -10,7 +10,7 @@ from typing import Any
 
 from lb.settings import ConfigError, load_config, setting
 
-ENGINES = ("hf", "fake", "vllm", "sglang")
+ENGINES = ("hf", "dllm", "fake", "vllm", "sglang")
 POLICIES = ("round_robin", "least_connections", "power_of_two")
 ENV_PREFIX = "IB_SLURM_"
 # node k's workers use worker_base_port + 100*k, so simulated nodes sharing one host never clash

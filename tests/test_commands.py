@@ -241,3 +241,11 @@ def test_our_workers_get_the_admin_token_for_model_swaps_in_their_environment() 
     cfg = from_mapping(ClusterConfig, {"model_path": "/m", "admin_token": "t0k"})
     assert worker_env(cfg, SPEC, base={})["IB_WORKER_ADMIN_TOKEN"] == "t0k"
     assert "t0k" not in worker_command(cfg, SPEC)
+
+
+def test_a_dllm_worker_runs_our_worker_with_its_model_code_trusted() -> None:
+    cfg = from_mapping(ClusterConfig, {"model_path": "/m", "engine": "dllm", "trust_remote_code": True,
+                                       "engine_args": "--dllm-block-length 8"})
+    assert worker_command(cfg, SPEC) == [
+        sys.executable, "-m", "workers", "--engine", "dllm", "--host", "127.0.0.1", "--port", "8002",
+        "--model-path", "/m", "--trust-remote-code", "--dllm-block-length", "8"]

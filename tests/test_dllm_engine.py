@@ -236,3 +236,8 @@ def test_the_worker_flag_offers_exactly_the_engine_algorithms() -> None:
     from workers.engines.base import DIFFUSION_ALGORITHMS
 
     assert DLLM_ALGORITHMS == DIFFUSION_ALGORITHMS  # config.py cannot import the engines package (a cycle)
+
+
+def test_model_code_runs_only_with_trust_remote_code(tiny_dllm_dir: Path) -> None:
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DllmEngine(str(tiny_dllm_dir), device="cpu", dtype="float32").load()

@@ -93,7 +93,6 @@ class WorkerConfig:
     fake_per_seq_latency: float = setting(
         0.0, "fake engine: extra seconds per decode step for each running sequence"
     )
-
     mask_token_id: int | None = setting(
         None, "dllm engine: the mask token's id (default: config.json mask_token_id, else the tokenizer's "
         "mask token)"

@@ -11,6 +11,7 @@ and nothing is shared between rows but the padding. There is no KV cache, so req
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -82,6 +83,10 @@ class DllmEngine:
         path = os.path.expanduser(self.model_path)
         if not Path(path).is_dir():
             raise FileNotFoundError(f"model path {self.model_path!r} is not a directory")
+        custom = json.loads((Path(path) / "config.json").read_text()).get("auto_map")
+        if custom and not self.trust_remote_code:  # transformers would ask on stdin, which a worker has not
+            raise ValueError(f"trust_remote_code: {self.model_path} ships its own model code (auto_map in "
+                             "config.json), as LLaDA checkpoints do; pass --trust-remote-code to run it")
         if self.device.type == "cpu":
             torch.set_num_threads(torch_threads())
         remote = self.trust_remote_code
