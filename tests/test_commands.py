@@ -116,7 +116,8 @@ def test_balancer_command() -> None:
     assert argv[argv.index("--policy") + 1] == "round_robin"
     assert argv[argv.index("--drain-timeout") + 1] == "8.0"
     assert argv[-2:] == ["--max-retries", "3"]
-    with_logs = balancer_command(cfg, 8000, [], log_files=[("balancer", "/r/balancer.log"), ("worker-0", "/r/w0.log")])
+    logs = [("balancer", "/r/balancer.log"), ("worker-0", "/r/w0.log")]
+    with_logs = balancer_command(cfg, 8000, [], log_files=logs)
     assert with_logs[with_logs.index("--log-file") + 1] == "balancer=/r/balancer.log"
     assert "worker-0=/r/w0.log" in with_logs
 
@@ -221,8 +222,9 @@ def test_amd_profile_prefixes_the_worker_command_with_rocprof(
 
 
 def test_model_loading_options_reach_our_worker() -> None:
-    cfg = from_mapping(ClusterConfig, {"dcp_path": "/ckpt/step-10", "base_model": "/m", "quantization": "4bit",
-                                       "trust_remote_code": True, "attn_implementation": "eager"})
+    cfg = from_mapping(ClusterConfig, {"dcp_path": "/ckpt/step-10", "base_model": "/m",
+                                       "quantization": "4bit", "trust_remote_code": True,
+                                       "attn_implementation": "eager"})
     argv = worker_command(cfg, SPEC)
     assert argv[argv.index("--port") + 2:] == [
         "--trust-remote-code", "--attn-implementation", "eager", "--quantization", "4bit",

@@ -41,7 +41,8 @@ def test_cpu_workers_serve_openai_requests_and_stop_leaves_nothing(
     token = (cluster.run_dir / "admin-token").read_text().strip()
     worker_log = urllib.request.Request(f"http://127.0.0.1:{port}/logs/worker-1?lines=5",
                                         headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(worker_log, timeout=5) as resp:  # the launcher gave the balancer its log paths
+    # the launcher gave the balancer its log paths
+    with urllib.request.urlopen(worker_log, timeout=5) as resp:
         assert resp.read() in Path(record["workers"][1]["log"]).read_bytes()
     assert [w["gpus"] for w in record["workers"]] == ["", ""]
 

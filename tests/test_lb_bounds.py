@@ -114,7 +114,8 @@ def with_credentials(fast_front: bool) -> bytes:
             BODY,
         )
     return (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: lb\r\n%bTransfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: lb\r\n%bTransfer-Encoding: chunked\r\n\r\n"
+        b"%x\r\n%b\r\n0\r\n\r\n"
         % (
             CREDENTIALS,
             len(BODY),

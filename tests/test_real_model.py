@@ -9,13 +9,14 @@ two worker starts (~10 s, and ~20 s to dequantise the GGUF) and two short greedy
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from openai import OpenAI
 
-from tests.processes import ManagedProcess, free_port, python_module
+from tests.processes import ManagedProcess, free_port, get_json, python_module
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_NAME = "smollm2-gguf"
@@ -67,11 +68,20 @@ def balancer_url(
         for worker, url in zip(workers, urls, strict=True):
             worker.wait_http_ok(url + "/health", timeout=300)
         lb.wait_http_ok(f"http://127.0.0.1:{lb_port}/health", timeout=30)
+        _wait_all_healthy(f"http://127.0.0.1:{lb_port}", len(urls))
         yield f"http://127.0.0.1:{lb_port}"
     finally:
         lb.stop()
         for worker in workers:
             worker.stop()
+
+
+def _wait_all_healthy(url: str, count: int, timeout: float = 60.0) -> None:
+    """/health is 200 with one healthy worker; on a busy machine the other may have missed a first probe."""
+    deadline = time.monotonic() + timeout
+    while get_json(url + "/stats")["healthy_workers"] < count:
+        assert time.monotonic() < deadline, f"not all {count} workers are healthy: {get_json(url + '/stats')}"
+        time.sleep(0.2)
 
 
 def test_demo_model_answers_a_factual_question_through_the_balancer(balancer_url: str) -> None:
