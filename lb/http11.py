@@ -82,9 +82,7 @@ def origin_form(target: bytes) -> bytes | None:
     return rest[slash:]
 
 
-def end_to_end(
-    headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes]
-) -> list[tuple[bytes, bytes]]:
+def end_to_end(headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
     """`headers` less those named in `drop` (lower case; it holds `connection`) and those a `Connection`
     header lists. One pass, and a second only when a Connection header is there (rare in a request or a
     response, as HTTP/1.1 keeps connections alive without one)."""
