@@ -11,6 +11,7 @@ import typing
 from typing import Any
 
 MAX_BUFFER = 1 << 20  # bytes read ahead from a worker before we stop reading from its socket
+INF = float("inf")
 
 
 class UpstreamError(Exception):
@@ -44,6 +45,12 @@ class Connection(asyncio.Protocol):
         self._got_data = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
+        # one lazy read timer per connection: `wait_data` moves the deadline (an attribute) and arms the
+        # timer only when it would fire too late, instead of arming and cancelling one per wait (a TimerHandle
+        # and a heap entry for every response and every streamed piece)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline = INF  # INF: nobody waits for data
 
     # asyncio.Protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -64,6 +71,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._disarm()
         self._exc = exc or ConnectionResetError("connection closed by the worker")
         for waiter in (self._waiter, self._drain_waiter):
             if waiter is not None and not waiter.done():
@@ -97,13 +105,18 @@ class Connection(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
         self._got_data = False
-        waiter = self._waiter = self._loop.create_future()
-        timer = self._loop.call_later(timeout, _expire, waiter)
+        loop = self._loop
+        waiter = self._waiter = loop.create_future()
+        at = self._deadline = loop.time() + timeout
+        if self._timer is None or self._timer_at > at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._timer_at = loop.call_at(at, self._expire), at
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
+            self._deadline = INF
         if self._got_data:
             return
         if self.closed:
@@ -112,10 +125,22 @@ class Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self._disarm()
         if self.transport is not None:
             self.transport.close()
 
+    def _expire(self) -> None:
+        self._timer = None
+        if self._deadline == INF:
+            return  # nobody waits: the timer lapses until the next wait arms one
+        if self._loop.time() < self._deadline:  # the deadline moved on since the timer was armed
+            self._timer, self._timer_at = self._loop.call_at(self._deadline, self._expire), self._deadline
+            return
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)  # wakes wait_data without new data: a read timeout
 
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)  # wakes wait_data without new data: a read timeout
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

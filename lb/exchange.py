@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 
 from lb.errors import BalancerError, error_body, error_headers, error_response
 from lb.http11 import HOP_BY_HOP as RAW_HOP_BY_HOP
-from lb.http11 import connection_named, header_block, origin_form
+from lb.http11 import connection_named, end_to_end, header_block, origin_form
 
 Reply = web.StreamResponse | None  # what an aiohttp handler returns; None when the front wrote it itself
 # hop-by-hop (RFC 9110 7.6.1) or recomputed on our side of the connection
@@ -182,10 +182,8 @@ class FrontExchange:
         self, status: int, headers: list[tuple[bytes, bytes]], extra: list[tuple[str, str]], framing: bytes
     ) -> list[bytes]:
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, "Unknown").encode())]
-        named = connection_named(headers)
-        drop = RAW_HOP_BY_HOP | named if named else RAW_HOP_BY_HOP
         # checked: no byte of an invalid header reaches the client
-        parts.append(header_block([(k, v) for k, v in headers if k.lower() not in drop]))
+        parts.append(header_block(end_to_end(headers, RAW_HOP_BY_HOP)))
         for name, value in extra:
             parts.append(f"{name}: {value}\r\n".encode())
         if not self.keep_alive:

@@ -82,6 +82,23 @@ def origin_form(target: bytes) -> bytes | None:
     return rest[slash:]
 
 
+def end_to_end(headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    """`headers` less those named in `drop` (lower case; it holds `connection`) and those a `Connection`
+    header lists. One pass, and a second only when a Connection header is there (rare in a request or a
+    response, as HTTP/1.1 keeps connections alive without one)."""
+    out = []
+    listed = False
+    for item in headers:
+        name = item[0].lower()
+        if name in drop:
+            listed = listed or name == b"connection"
+            continue
+        out.append(item)
+    if listed and (named := connection_named(headers)):
+        out = [(k, v) for k, v in out if k.lower() not in named]
+    return out
+
+
 def worker_headers(
     raw_headers: Sequence[tuple[bytes, bytes]],
     *,
@@ -92,9 +109,6 @@ def worker_headers(
     dropped, the client's credentials dropped when the balancer checked them itself, then `add` (the
     balancer's own headers, e.g. the worker key). The upstream client writes them through `header_block`,
     which checks every one."""
-    drop = REQUEST_DROP_CREDENTIALS if drop_credentials else REQUEST_DROP
-    out = [(k, v) for k, v in raw_headers if k.lower() not in drop]
-    if named := connection_named(raw_headers):
-        out = [(k, v) for k, v in out if k.lower() not in named]
+    out = end_to_end(raw_headers, REQUEST_DROP_CREDENTIALS if drop_credentials else REQUEST_DROP)
     out.extend(add)
     return out

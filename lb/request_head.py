@@ -25,6 +25,7 @@ _FRAMING = {
     b"expect": _HAND_OVER,
     b"upgrade": _HAND_OVER,
 }
+_FRAMING_SIZES = frozenset(len(name) for name in _FRAMING)  # most names are ruled out by length alone
 
 
 class RequestHead:
@@ -76,6 +77,8 @@ class RequestReader:
     def on_header(self, name: bytes, value: bytes) -> None:
         head = self._head
         head.headers.append((name, value))
+        if len(name) not in _FRAMING_SIZES:
+            return
         kind = _FRAMING.get(name.lower())
         if kind is None:
             return
@@ -84,6 +87,8 @@ class RequestReader:
         elif kind == _AUTHORIZATION:
             head.authorizations += 1
             head.authorization = value
+        elif kind == _API_KEY:
+            head.api_key = value
         else:
             head.hand_over = True  # a chunked body, Expect or Upgrade: aiohttp's to serve
 

@@ -7,8 +7,9 @@ import asyncio
 
 import pytest
 
-from lb.connection import Connection, UpstreamError
+from lb.connection import Connection, UpstreamError, UpstreamTimeout
 from lb.response import UpstreamResponse
+from lb.upstream import UpstreamClient
 
 EVENTS = [b'data: {"n": %d}\n\n' % i for i in range(50)]
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -89,3 +90,37 @@ def test_bad_framing_fails_and_is_never_pooled(wire: bytes) -> None:
     finally:
         loop.close()
     assert not pooled
+
+
+async def test_the_read_timeout_counts_from_each_wait_on_a_reused_connection() -> None:
+    """One keep-alive connection, four requests: answered at once, after 0.3 s twice (the second outlives
+    the deadline of the first wait: it must not time out), then never (it times out 0.5 s after it began)."""
+    delays: list[float | None] = [0.0, 0.3, 0.3, None]
+    connections: list[asyncio.StreamWriter] = []
+
+    async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        while await reader.readuntil(b"\r\n\r\n"):
+            delay = delays.pop(0)
+            if delay is None:
+                continue  # silent: the balancer must give up on its own
+            await asyncio.sleep(delay)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    server = await asyncio.start_server(worker, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = UpstreamClient(connect_timeout=1, read_timeout=0.5)
+    loop = asyncio.get_running_loop()
+    try:
+        for _ in range(3):
+            response = await client.request("127.0.0.1", port, False, "GET", "/", [], None)
+            assert await response.read() == b"ok"
+            response.release()  # pooled: the next request reuses the connection and its timer
+        started = loop.time()
+        with pytest.raises(UpstreamTimeout):
+            await client.request("127.0.0.1", port, False, "GET", "/", [], None)
+        assert 0.45 <= loop.time() - started < 1.5
+        assert len(connections) == 1
+    finally:
+        client.close()
+        server.close()
