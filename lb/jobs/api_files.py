@@ -8,8 +8,8 @@ from aiohttp import BodyPartReader, web
 
 from lb.errors import answers_errors
 from lb.jobs.auth import owner_of
-from lb.jobs.batches import file_object
 from lb.jobs.errors import InvalidJobRequest
+from lb.jobs.objects import file_object
 from lb.state import STATE
 
 PURPOSES = ("batch",)

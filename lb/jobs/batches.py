@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from lb.health import HealthChecker
 from lb.jobs.dispatcher import Dispatcher
 from lb.jobs.errors import BatchNotFound, FileNotFound, InvalidJobRequest
 from lb.jobs.files import FileStore
+from lb.jobs.objects import batch_object, check_metadata, file_object, window_seconds
 from lb.jobs.results import read_records
 from lb.jobs.run import BatchRun
 from lb.jobs.sender import Sender, refusal
@@ -38,9 +38,6 @@ from lb.model_routing import ModelRouter, normalise
 from lb.upstream import UpstreamClient
 
 log = logging.getLogger("lb.jobs")
-WINDOW = re.compile(r"^(\d+)([smh])$")  # OpenAI accepts "24h"; shorter windows serve tests and small runs
-UNITS = {"s": 1, "m": 60, "h": 3600}
-MAX_METADATA_KEYS = 16
 
 
 class BatchService:
@@ -105,17 +102,23 @@ class BatchService:
     ) -> dict[str, Any]:
         file_id = new_id("file")
         size = await self.files.save_stream(file_id, chunks, self.config.batch_max_file_size)
+        return file_object(self._record_file(file_id, owner, purpose, filename, size, now()))
+
+    def _record_file(
+        self, file_id: str, owner: str | None, purpose: str, filename: str, size: int, created: int
+    ) -> dict[str, Any]:
+        """Store the row of a file already on disk under its id; returns the row."""
         row = {
             "id": file_id,
             "owner": owner,
             "purpose": purpose,
             "filename": filename,
             "bytes": size,
-            "created_at": now(),
+            "created_at": created,
             "path": self.files.relative(file_id),
         }
         self.store.add_file(row)
-        return file_object(row)
+        return row
 
     def file_row(self, file_id: str, owner: str | None) -> dict[str, Any]:
         row = self.store.file(file_id, owner)
@@ -148,8 +151,8 @@ class BatchService:
                 code="unsupported_endpoint",
                 param="endpoint",
             )
-        window = _window_seconds(completion_window)
-        _check_metadata(metadata)
+        window = window_seconds(completion_window)
+        check_metadata(metadata)
         source = self.file_row(input_file_id, owner)
         if source["purpose"] != "batch":
             raise InvalidJobRequest(
@@ -187,33 +190,26 @@ class BatchService:
         """
         file_id = new_id("file")
         size = self.files.save_lines(file_id, (json.dumps(line).encode() for line in lines))
-        self.store.add_file(
-            {
-                "id": file_id,
-                "owner": owner,
-                "purpose": "batch",
-                "filename": "internal.jsonl",
-                "bytes": size,
-                "created_at": now(),
-                "path": self.files.relative(file_id),
-            }
-        )
+        self._record_file(file_id, owner, "batch", "internal.jsonl", size, now())
         batch = await self.create(owner, file_id, endpoint, "24h", metadata)
         return str(batch["id"])
 
     def get(self, batch_id: str) -> dict[str, Any]:
         """The OpenAI batch object, whoever owns it (internal callers)."""
-        row = self.store.batch(batch_id)
-        if row is None:
-            raise BatchNotFound(f"No such batch: {batch_id!r}.", param="batch_id")
-        return self._object(row)
+        return self._object(self._batch_row(batch_id))
 
     def retrieve(self, batch_id: str, owner: str | None) -> dict[str, Any]:
         """The batch object for its owner; another key gets 404, as if it did not exist."""
-        row = self.store.batch(batch_id)
-        if row is None or row["owner"] != owner:
+        row = self._batch_row(batch_id)
+        if row["owner"] != owner:
             raise BatchNotFound(f"No such batch: {batch_id!r}.", param="batch_id")
         return self._object(row)
+
+    def _batch_row(self, batch_id: str) -> dict[str, Any]:
+        row = self.store.batch(batch_id)
+        if row is None:
+            raise BatchNotFound(f"No such batch: {batch_id!r}.", param="batch_id")
+        return row
 
     def page(self, owner: str | None, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
         rows = self.store.batches(owner, after, limit + 1)
@@ -221,9 +217,7 @@ class BatchService:
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
         """Stop dispatching the batch; in-flight lines finish, completed ones are kept."""
-        row = self.store.batch(batch_id)
-        if row is None:
-            raise BatchNotFound(f"No such batch: {batch_id!r}.", param="batch_id")
+        row = self._batch_row(batch_id)
         if row["status"] in ("validating", "in_progress"):
             log.info("batch %s cancelling", batch_id)
             self.store.update_batch(batch_id, status="cancelling", cancelling_at=now())
@@ -238,9 +232,7 @@ class BatchService:
 
     def results(self, batch_id: str) -> Iterator[dict[str, Any]]:
         """The output records, then the error records written so far (OpenAI's output-line shape)."""
-        row = self.store.batch(batch_id)
-        if row is None:
-            raise BatchNotFound(f"No such batch: {batch_id!r}.", param="batch_id")
+        row = self._batch_row(batch_id)
         for file_id in (row["out_id"], row["err_id"]):
             yield from read_records(self.files.path(self.files.relative(file_id)))
 
@@ -365,17 +357,9 @@ class BatchService:
         for file_id in (row["out_id"], row["err_id"]):
             relative = self.files.relative(file_id)
             self.files.path(relative).touch()
-            self.store.add_file(
-                {
-                    "id": file_id,
-                    "owner": row["owner"],
-                    "purpose": "batch_output",
-                    "filename": f"{run.batch_id}_{'output' if file_id == row['out_id'] else 'error'}.jsonl",
-                    "bytes": self.files.size(relative),
-                    "created_at": stamp,
-                    "path": relative,
-                }
-            )
+            kind = "output" if file_id == row["out_id"] else "error"
+            self._record_file(file_id, row["owner"], "batch_output", f"{run.batch_id}_{kind}.jsonl",
+                              self.files.size(relative), stamp)
         end = {None: "completed", "cancelled": "cancelled", "expired": "expired"}[run.stopping]
         self.store.update_batch(
             run.batch_id,
@@ -387,74 +371,4 @@ class BatchService:
         log.info("batch %s %s: %d completed, %d failed", run.batch_id, end, run.completed, run.failed)
 
     def _object(self, row: dict[str, Any]) -> dict[str, Any]:
-        run = self.dispatcher.runs.get(row["id"])
-        completed, failed = (run.completed, run.failed) if run else (row["completed"], row["failed"])
-        tokens_in, tokens_out = (
-            (run.tokens_in, run.tokens_out) if run else (row["input_tokens"], row["output_tokens"])
-        )
-        return {
-            "id": row["id"],
-            "object": "batch",
-            "endpoint": row["endpoint"],
-            "errors": row["errors"],
-            "input_file_id": row["input_file_id"],
-            "completion_window": row["completion_window"],
-            "status": row["status"],
-            "output_file_id": row["output_file_id"],
-            "error_file_id": row["error_file_id"],
-            "created_at": row["created_at"],
-            "in_progress_at": row["in_progress_at"],
-            "expires_at": row["expires_at"],
-            "finalizing_at": row["finalizing_at"],
-            "completed_at": row["completed_at"],
-            "failed_at": row["failed_at"],
-            "expired_at": row["expired_at"],
-            "cancelling_at": row["cancelling_at"],
-            "cancelled_at": row["cancelled_at"],
-            "request_counts": {"total": row["total"], "completed": completed, "failed": failed},
-            "usage": {
-                "input_tokens": tokens_in,
-                "output_tokens": tokens_out,
-                "total_tokens": tokens_in + tokens_out,
-            },
-            "metadata": row["metadata"],
-        }
-
-
-def file_object(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "object": "file",
-        "bytes": row["bytes"],
-        "created_at": row["created_at"],
-        "filename": row["filename"],
-        "purpose": row["purpose"],
-        "status": "processed",
-        "status_details": None,
-    }
-
-
-def _window_seconds(window: str) -> int:
-    match = WINDOW.match(window or "")
-    if not match or int(match.group(1)) <= 0:
-        raise InvalidJobRequest(
-            f"completion_window {window!r} must be a duration such as '24h' (or '30m', '90s').",
-            code="invalid_completion_window",
-            param="completion_window",
-        )
-    return int(match.group(1)) * UNITS[match.group(2)]
-
-
-def _check_metadata(metadata: Any) -> None:
-    if metadata is None:
-        return
-    if (
-        not isinstance(metadata, dict)
-        or len(metadata) > MAX_METADATA_KEYS
-        or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
-    ):
-        raise InvalidJobRequest(
-            f"metadata must map at most {MAX_METADATA_KEYS} string keys to string values.",
-            code="invalid_metadata",
-            param="metadata",
-        )
+        return batch_object(row, self.dispatcher.runs.get(row["id"]))
